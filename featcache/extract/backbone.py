@@ -1,0 +1,276 @@
+"""Build a backbone from its spec: load weights, expose pooled taps from one forward pass."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import UsageError, WeightsError
+from .registry import PIP_HINT, package_file
+from .spec import BackboneSpec
+
+log = logging.getLogger(__name__)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_state_dict(sd: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(sd):
+        h.update(k.encode())
+        h.update(sd[k].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def weights_file(spec: BackboneSpec) -> Path | None:
+    """The local weights file for a spec, or None for download/random sources."""
+    w = spec.weights
+    if w.kind == "package":
+        path = package_file(w.ref)
+        if path is None:
+            pkg = w.ref.split(":", 1)[0]
+            raise WeightsError(
+                f"weights for {spec.name} are not installed: {PIP_HINT.get(pkg, 'install package ' + pkg)}"
+            )
+        return path
+    if w.kind == "file":
+        return Path(w.ref)
+    return None
+
+
+def weights_present(spec: BackboneSpec) -> bool:
+    try:
+        return spec.weights.kind == "random" or weights_file(spec) is not None or spec.weights.kind in ("timm", "torchvision")
+    except WeightsError:
+        return False
+
+
+def _construct(spec: BackboneSpec, pretrained: bool, num_classes: int | None) -> nn.Module:
+    kw = {} if num_classes is None else {"num_classes": num_classes}
+    if spec.family == "timm":
+        import timm
+
+        return timm.create_model(spec.arch, pretrained=pretrained, **kw)
+    import torchvision
+
+    return torchvision.models.get_model(spec.arch, weights="DEFAULT" if pretrained else None, **kw)
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(str(path))
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
+        raise WeightsError(f"cannot read weights file {path}: {e}") from e
+    for wrapper in ("state_dict", "model"):
+        if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict):
+            sd = sd[wrapper]
+    if not isinstance(sd, dict):
+        raise WeightsError(f"{path} does not hold a state dict")
+    return sd
+
+
+def _remap_in_order(sd: dict, target: dict, path: Path) -> dict:
+    """EfficientNet-Lite files name keys differently from timm but match it in order and shape."""
+    if len(sd) != len(target):
+        raise WeightsError(f"{path}: {len(sd)} tensors, model expects {len(target)}")
+    out = {}
+    for (k, v), (tk, tv) in zip(sd.items(), target.items()):
+        if tuple(v.shape) != tuple(tv.shape):
+            raise WeightsError(f"{path}: tensor {k} has shape {tuple(v.shape)}, model's {tk} needs {tuple(tv.shape)}")
+        out[tk] = v
+    return out
+
+
+def load_network(spec: BackboneSpec) -> tuple[nn.Module, str]:
+    """The full network (classifier included) in eval mode, and its weights sha256."""
+    w = spec.weights
+    num_classes = spec.extra.get("num_classes")
+    if w.kind in ("timm", "torchvision"):
+        try:
+            model = _construct(spec, pretrained=True, num_classes=None)
+        except Exception as e:  # noqa: BLE001
+            raise WeightsError(f"downloading weights for {spec.arch} failed (offline?): {e}") from e
+        return model.eval(), sha256_state_dict(model.state_dict())
+    if w.kind == "random":
+        torch.manual_seed(0)
+        model = _construct(spec, pretrained=False, num_classes=num_classes)
+        return model.eval(), "random-seed0"
+    path = weights_file(spec)
+    if path is None or not path.is_file():
+        raise WeightsError(f"weights file {path} for {spec.name} does not exist")
+    digest = sha256_file(path)
+    if w.sha256 and digest != w.sha256:
+        raise WeightsError(f"weights file {path} has sha256 {digest}, expected {w.sha256}; the file is damaged or another version")
+    sd = _read_state_dict(path)
+    model = _construct(spec, pretrained=False, num_classes=num_classes)
+    if w.key_map == "efficientnet_lite":
+        sd = _remap_in_order(sd, model.state_dict(), path)
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        raise WeightsError(f"{path} does not fit {spec.family}:{spec.arch}: {str(e)[:500]}") from e
+    return model.eval(), digest
+
+
+class TapModel(nn.Module):
+    """Runs ``blocks`` in sequence and returns {tap name: pooled (N, C) features}.
+
+    ``taps`` maps a block index to a tap name; ``pre_logits`` turns the last block's
+    feature map into the final embedding (global average pool, plus whatever the
+    architecture applies before its classifier).
+    """
+
+    def __init__(self, blocks: list[nn.Module], taps: dict[int, str], pre_logits: nn.Module, wanted: list[str]):
+        super().__init__()
+        last = max([i for i, n in taps.items() if n in wanted], default=-1)
+        self.run_all = "final" in wanted
+        self.blocks = nn.ModuleList(blocks if self.run_all else blocks[: last + 1])
+        self.taps = {i: n for i, n in taps.items() if n in wanted}
+        self.pre_logits = pre_logits
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            name = self.taps.get(i)
+            if name is not None:
+                out[name] = x.float().mean((2, 3))
+        if self.run_all:
+            out["final"] = self.pre_logits(x).float()
+        return out
+
+
+class _TimmStem(nn.Module):
+    def __init__(self, model: nn.Module, names: list[str]):
+        super().__init__()
+        self.parts = nn.ModuleList([getattr(model, n) for n in names if hasattr(model, n)])
+
+    def forward(self, x):
+        for p in self.parts:
+            x = p(x)
+        return x
+
+
+class _TimmPreLogits(nn.Module):
+    def __init__(self, model: nn.Module, tail: list[str]):
+        super().__init__()
+        self.tail = nn.ModuleList([getattr(model, n) for n in tail if hasattr(model, n)])
+        self.model = model
+
+    def forward(self, x):
+        for t in self.tail:
+            x = t(x)
+        return self.model.forward_head(x, pre_logits=True)
+
+
+class _PoolFlatten(nn.Module):
+    def __init__(self, before: nn.Module | None = None, after: nn.Module | None = None):
+        super().__init__()
+        self.before = before or nn.Identity()
+        self.after = after or nn.Identity()
+
+    def forward(self, x):
+        x = self.before(x)
+        return self.after(x.mean((2, 3), keepdim=True)).flatten(1)
+
+
+def _reduction_taps(blocks: list[nn.Module], size: int) -> dict[int, str]:
+    """Tap the last block of each spatial resolution (the classic 'stage' boundaries)."""
+    x = torch.zeros(1, 3, size, size)
+    sizes = []
+    with torch.no_grad():
+        for b in blocks:
+            x = b(x)
+            sizes.append(x.shape[-1])
+    taps, stage = {}, 0
+    for i in range(len(blocks) - 1):
+        if sizes[i + 1] != sizes[i]:
+            stage += 1
+            taps[i] = f"stage{stage}"
+    taps[len(blocks) - 1] = f"stage{stage + 1}"
+    return taps
+
+
+def decompose(spec: BackboneSpec, model: nn.Module) -> tuple[list[nn.Module], dict[int, str], nn.Module, nn.Module | None]:
+    """Split a network into (blocks, stage taps, pre-logits, classifier on the final tap)."""
+    size = spec.preprocess.crop
+    if spec.family == "timm":
+        if not hasattr(model, "blocks") and not hasattr(model, "stages"):
+            raise UsageError(f"timm:{spec.arch} has no blocks/stages sequence featcache can tap")
+        seq = list(getattr(model, "blocks", None) or getattr(model, "stages"))
+        stem = _TimmStem(model, ["conv_stem", "bn1", "stem"])
+        blocks = [stem, *seq]
+        tail = ["conv_head", "bn2", "norm_pre"]
+        pre = _TimmPreLogits(model, tail)
+        taps = _reduction_taps(blocks, size)
+        return blocks, taps, pre, model.get_classifier()
+    m = model
+    if hasattr(m, "layer4"):  # resnet, resnext, wide_resnet
+        blocks = [nn.Sequential(m.conv1, m.bn1, m.relu, m.maxpool), m.layer1, m.layer2, m.layer3, m.layer4]
+        return blocks, {1: "stage1", 2: "stage2", 3: "stage3", 4: "stage4"}, _PoolFlatten(), m.fc
+    if hasattr(m, "trunk_output"):  # regnet
+        blocks = [m.stem, *m.trunk_output]
+        return blocks, _reduction_taps(blocks, size), _PoolFlatten(), m.fc
+    if hasattr(m, "features"):
+        blocks = list(m.features)
+        taps = _reduction_taps(blocks, size)
+        arch = spec.arch
+        if arch.startswith("densenet"):
+            return blocks, taps, _PoolFlatten(before=nn.ReLU()), m.classifier
+        if arch.startswith("convnext"):
+            return blocks, taps, _PoolFlatten(after=m.classifier[0]), m.classifier[-1]
+        if arch.startswith("vgg"):
+            return blocks, taps, _PoolFlatten(), None
+        return blocks, taps, _PoolFlatten(), m.classifier
+    raise UsageError(f"featcache does not know how to tap torchvision:{spec.arch}")
+
+
+@dataclass
+class Backbone:
+    """A loaded backbone: the tap model, its ImageNet classifier (if any) and facts about it."""
+
+    spec: BackboneSpec
+    network: nn.Module
+    weights_sha256: str
+    blocks: list[nn.Module]
+    stage_taps: dict[int, str]
+    pre_logits: nn.Module
+    classifier: nn.Module | None
+
+    @classmethod
+    def load(cls, spec: BackboneSpec) -> Backbone:
+        network, digest = load_network(spec)
+        blocks, taps, pre, clf = decompose(spec, network)
+        return cls(spec, network, digest, blocks, taps, pre, clf)
+
+    @property
+    def tap_names(self) -> list[str]:
+        return ["final", *self.stage_taps.values()]
+
+    def tap_model(self, taps: list[str]) -> TapModel:
+        unknown = sorted(set(taps) - set(self.tap_names))
+        if unknown:
+            raise UsageError(f"unknown tap(s) {unknown} for {self.spec.name}; available: {self.tap_names}")
+        return TapModel(self.blocks, self.stage_taps, self.pre_logits, taps).eval()
+
+    def tap_dims(self) -> dict[str, int]:
+        size = self.spec.preprocess.crop
+        with torch.no_grad():
+            out = self.tap_model(self.tap_names)(torch.zeros(1, 3, size, size))
+        return {k: int(v.shape[1]) for k, v in out.items()}

@@ -1,0 +1,284 @@
+"""The Zarr feature cache: an image table plus one feature group per fingerprint.
+
+Layout (zarr v3, readable with zarr + numpy alone; see README "Cache layout"):
+
+    CACHE/zarr.json                       attrs: {"featcache": {"format": 1}}
+    CACHE/images/                         one row per distinct image content
+        sha256, key, path, label          string arrays; attrs["rows"] = committed rows
+    CACHE/features/<fingerprint>/         attrs: rows, tap_rows, fingerprint, backbone, taps
+        image                             int64 row into images/
+        status                            int8: 0 ok, 1 failed to decode
+        error                             string: why it failed ("" when ok)
+        taps/<tap>                        float32 (rows, dim); NaN for failed rows
+
+Arrays may be longer than their committed row count (capacity grows in whole chunks);
+only rows below ``attrs["rows"]`` (``attrs["tap_rows"][tap]`` for a tap) are valid. A
+writer fills rows past the ledger, then moves the ledger in one atomic metadata write,
+so a reader or a killed writer never sees partial rows. This module does not import torch.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from ..errors import CacheError, FingerprintMismatch, NotFoundError, UsageError
+
+FORMAT = 1
+STATUS_OK, STATUS_FAILED = 0, 1
+_ROWS_1D = 4096
+_TAP_CHUNK_BYTES = 1 << 20
+
+
+@dataclass
+class Features:
+    """Committed rows of one fingerprint and tap (failed rows dropped unless asked for)."""
+
+    fingerprint: str
+    tap: str
+    vectors: np.ndarray  # (n, dim) float32
+    sha256: np.ndarray  # (n,) str, the image identity
+    keys: np.ndarray  # (n,) str
+    labels: np.ndarray  # (n,) str, "" where unlabelled
+    status: np.ndarray  # (n,) int8
+    errors: np.ndarray  # (n,) str
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+@dataclass
+class ImageTable:
+    sha256: np.ndarray
+    key: np.ndarray
+    path: np.ndarray
+    label: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.sha256)
+
+
+class FeatureCache:
+    """Open (or create, with ``create=True``) a cache directory."""
+
+    def __init__(self, root: str | os.PathLike, create: bool = False):
+        self.root = Path(root)
+        if not create and not (self.root / "zarr.json").is_file():
+            raise NotFoundError(f"no featcache cache at {self.root} (run `featcache extract SOURCE --cache {self.root}`)")
+        try:
+            self.group = zarr.open_group(str(self.root), mode="a" if create else "r+", zarr_format=3)
+        except Exception as e:  # noqa: BLE001
+            raise CacheError(f"{self.root} is not a readable Zarr v3 group: {e}") from e
+        attrs = dict(self.group.attrs)
+        if "featcache" not in attrs:
+            if not create or len(list(self.group.keys())):
+                raise CacheError(f"{self.root} is a Zarr group but not a featcache cache")
+            self.group.attrs.update({"featcache": {"format": FORMAT}})
+        elif attrs["featcache"].get("format") != FORMAT:
+            raise CacheError(f"{self.root} has cache format {attrs['featcache'].get('format')}, this featcache reads {FORMAT}")
+        if "images" not in self.group:
+            imgs = self.group.create_group("images", attributes={"rows": 0})
+            for name in ("sha256", "key", "path", "label"):
+                imgs.create_array(name, shape=(0,), chunks=(_ROWS_1D,), dtype=str)
+
+    # -- locking -----------------------------------------------------------------
+    def lock(self) -> _Lock:
+        """Exclusive writer lock (released by the OS if the process dies)."""
+        return _Lock(self.root / ".writer.lock")
+
+    # -- image table -------------------------------------------------------------
+    def _images(self) -> zarr.Group:
+        return zarr.open_group(str(self.root / "images"), mode="r+", zarr_format=3)
+
+    def images(self) -> ImageTable:
+        g = self._images()
+        n = int(g.attrs["rows"])
+        return ImageTable(*(np.asarray(g[name][:n]) for name in ("sha256", "key", "path", "label")))
+
+    def append_images(self, sha256: list[str], keys: list[str], paths: list[str], labels: list[str]) -> None:
+        """Append new image rows and commit them."""
+        g = self._images()
+        n = int(g.attrs["rows"])
+        m = n + len(sha256)
+        if m == n:
+            return
+        for name, values in (("sha256", sha256), ("key", keys), ("path", paths), ("label", labels)):
+            arr = g[name]
+            _ensure_capacity(arr, m, _ROWS_1D)
+            arr[n:m] = strings(values)
+        g.attrs.update({"rows": m})
+
+    def update_images(self, rows: np.ndarray, keys: list[str], paths: list[str], labels: list[str]) -> None:
+        """Rewrite key/path/label of committed rows (a file moved or was relabelled)."""
+        if len(rows) == 0:
+            return
+        g = self._images()
+        order = np.argsort(rows)
+        rows = np.asarray(rows)[order]
+        for name, values in (("key", keys), ("path", paths), ("label", labels)):
+            arr = g[name]
+            arr.set_coordinate_selection(rows, strings(values)[order])
+
+    # -- feature groups ----------------------------------------------------------
+    def fingerprints(self) -> list[str]:
+        if "features" not in self.group:
+            return []
+        return sorted(self.group["features"].group_keys())
+
+    def group_attrs(self, fingerprint: str) -> dict:
+        return dict(self._feature_group(fingerprint).attrs)
+
+    def resolve_fingerprint(self, fingerprint: str | None = None) -> str:
+        """A full fingerprint from a prefix, or the only one when None."""
+        fps = self.fingerprints()
+        if not fps:
+            raise NotFoundError(f"cache {self.root} holds no features yet")
+        if fingerprint is None:
+            if len(fps) > 1:
+                raise UsageError(f"cache {self.root} holds {len(fps)} fingerprints ({', '.join(fps)}); choose one with --fingerprint")
+            return fps[0]
+        hits = [f for f in fps if f.startswith(fingerprint)]
+        if len(hits) != 1:
+            raise NotFoundError(f"fingerprint {fingerprint!r} matches {len(hits)} of {fps} in {self.root}")
+        return hits[0]
+
+    def _feature_group(self, fingerprint: str) -> zarr.Group:
+        try:
+            return zarr.open_group(str(self.root / "features" / fingerprint), mode="r+", zarr_format=3)
+        except FileNotFoundError:
+            raise NotFoundError(f"fingerprint {fingerprint} not in cache {self.root}") from None
+
+    def feature_group(self, fingerprint: str, canon: dict, backbone: dict, tap_dims: dict[str, int]) -> FeatureGroup:
+        """Open the group for ``fingerprint``, creating it or adding taps as needed."""
+        feats = self.group.require_group("features")
+        if fingerprint in feats:
+            g = self._feature_group(fingerprint)
+            if g.attrs["fingerprint"] != canon:
+                raise FingerprintMismatch(f"cache group {fingerprint} was written for {g.attrs['fingerprint']}, not {canon}")
+        else:
+            g = feats.create_group(fingerprint, attributes={
+                "fingerprint": canon, "backbone": backbone, "rows": 0, "tap_rows": {}, "taps": {}})
+            g.create_array("image", shape=(0,), chunks=(_ROWS_1D,), dtype="int64", fill_value=-1)
+            g.create_array("status", shape=(0,), chunks=(_ROWS_1D,), dtype="int8", fill_value=-1)
+            g.create_array("error", shape=(0,), chunks=(_ROWS_1D,), dtype=str)
+            g.create_group("taps")
+        taps, tap_rows = dict(g.attrs["taps"]), dict(g.attrs["tap_rows"])
+        for tap, dim in tap_dims.items():
+            if tap in taps:
+                if taps[tap] != dim:
+                    raise CacheError(f"tap {tap} in {fingerprint} has dim {taps[tap]}, backbone gives {dim}")
+                continue
+            chunk = max(16, _TAP_CHUNK_BYTES // (4 * dim))
+            rows = int(g.attrs["rows"])
+            g["taps"].create_array(tap, shape=(_round_up(rows, chunk), dim), chunks=(chunk, dim),
+                                       dtype="float32", fill_value=float("nan"), compressors=None)
+            taps[tap], tap_rows[tap] = dim, 0
+        g.attrs.update({"taps": taps, "tap_rows": tap_rows})
+        return FeatureGroup(self._feature_group(fingerprint))
+
+    def read(self, fingerprint: str | None = None, tap: str = "final", include_failed: bool = False) -> Features:
+        """Features of one fingerprint and tap, joined with the image table."""
+        fp = self.resolve_fingerprint(fingerprint)
+        g = self._feature_group(fp)
+        attrs = dict(g.attrs)
+        if tap not in attrs["taps"]:
+            raise NotFoundError(f"tap {tap!r} not in fingerprint {fp} (has {sorted(attrs['taps'])})")
+        n = min(int(attrs["rows"]), int(attrs["tap_rows"][tap]))
+        image = g["image"][:n]
+        status = g["status"][:n]
+        errors = np.asarray(g["error"][:n])
+        vectors = g["taps"][tap][:n]
+        imgs = self.images()
+        keep = np.ones(n, bool) if include_failed else status == STATUS_OK
+        idx = image[keep]
+        return Features(fp, tap, np.ascontiguousarray(vectors[keep]), imgs.sha256[idx], imgs.key[idx],
+                        imgs.label[idx], status[keep], errors[keep])
+
+    def info(self) -> dict:
+        out = {"cache": str(self.root), "images": int(self._images().attrs["rows"]), "fingerprints": []}
+        for fp in self.fingerprints():
+            g = self._feature_group(fp)
+            a = dict(g.attrs)
+            rows = int(a["rows"])
+            status = g["status"][:rows]
+            out["fingerprints"].append({
+                "fingerprint": fp, "backbone": a["backbone"].get("name"), "rows": rows,
+                "ok": int((status == STATUS_OK).sum()), "failed": int((status == STATUS_FAILED).sum()),
+                "taps": a["taps"], "tap_rows": a["tap_rows"], "precision": a["fingerprint"]["precision"],
+                "description": a["fingerprint"],
+            })
+        return out
+
+
+class FeatureGroup:
+    """Writer for one fingerprint's rows. Write past the ledger, then ``commit``."""
+
+    def __init__(self, group: zarr.Group):
+        self.g = group
+        attrs = dict(group.attrs)
+        self.rows = int(attrs["rows"])
+        self.tap_rows = {k: int(v) for k, v in attrs["tap_rows"].items()}
+        self.taps = dict(attrs["taps"])
+
+    def image_rows(self) -> np.ndarray:
+        return self.g["image"][: self.rows]
+
+    def status(self) -> np.ndarray:
+        return self.g["status"][: self.rows]
+
+    def write_rows(self, start: int, image: np.ndarray, status: np.ndarray, error: list[str]) -> None:
+        end = start + len(image)
+        for name, values in (("image", image), ("status", status), ("error", strings(error))):
+            arr = self.g[name]
+            _ensure_capacity(arr, end, _ROWS_1D)
+            arr[start:end] = values
+
+    def write_tap(self, tap: str, start: int, vectors: np.ndarray) -> None:
+        arr = self.g["taps"][tap]
+        _ensure_capacity(arr, start + len(vectors), arr.chunks[0])
+        arr[start : start + len(vectors)] = vectors
+
+    def commit(self, rows: int, tap_rows: dict[str, int]) -> None:
+        """Atomically move the ledger: rows below these counts become visible."""
+        self.rows = rows
+        self.tap_rows.update(tap_rows)
+        self.g.attrs.update({"rows": rows, "tap_rows": self.tap_rows})
+
+
+class _Lock:
+    def __init__(self, path: Path):
+        self.path = path
+        self.fd: int | None = None
+
+    def __enter__(self) -> _Lock:
+        self.fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            raise CacheError(f"another featcache process is writing to {self.path.parent}; wait for it or stop it") from None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        assert self.fd is not None
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+
+
+def strings(values) -> np.ndarray:
+    """A numpy variable-width string array (what zarr's string dtype stores and returns)."""
+    return np.array(values, dtype=np.dtypes.StringDType())
+
+
+def _round_up(n: int, chunk: int) -> int:
+    return -(-n // chunk) * chunk
+
+
+def _ensure_capacity(arr: zarr.Array, rows: int, chunk: int) -> None:
+    if arr.shape[0] < rows:
+        arr.resize((max(_round_up(rows, chunk), 2 * arr.shape[0]), *arr.shape[1:]))
