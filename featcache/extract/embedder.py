@@ -129,3 +129,21 @@ class Embedder:
     def describe(self) -> dict:
         return {"fingerprint": self.fingerprint, "backbone": self.spec.name, "device": str(self.device),
                 "precision": self.precision, "taps": self.taps}
+
+
+def embedder_for(description: dict, canon: dict, taps: list[str] | None = None, device: str = "auto") -> Embedder:
+    """The embedder that reproduces a stored fingerprint (cache group, head or index manifest).
+
+    ``description`` is the stored ``BackboneSpec.describe()``, ``canon`` the stored
+    fingerprint description; the rebuilt embedder must hash to the same fingerprint.
+    """
+    from ..errors import FingerprintMismatch
+    from .registry import spec_from_description
+
+    emb = Embedder(Backbone.load(spec_from_description(description)), taps, device, canon["precision"])
+    if emb.canon != canon:
+        diff = sorted(k for k in canon if canon.get(k) != emb.canon.get(k))
+        raise FingerprintMismatch(
+            f"backbone {description['name']} now gives fingerprint {emb.fingerprint}, which differs from the "
+            f"stored one in {diff}; re-extract with the current weights or restore the original ones")
+    return emb

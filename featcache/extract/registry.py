@@ -154,3 +154,15 @@ def load_backbone_dir(path: Path) -> BackboneSpec:
         description=meta.get("description", ""),
         extra={k: meta[k] for k in ("num_classes", "labels") if k in meta},
     )
+
+
+def spec_from_description(d: dict) -> BackboneSpec:
+    """Rebuild a spec from ``BackboneSpec.describe()`` (as stored in caches, heads, indexes)."""
+    w, p = d["weights"], d["preprocess"]
+    return BackboneSpec(
+        name=d["name"], family=d["family"], arch=d["arch"],
+        weights=WeightsSource(w["kind"], w.get("ref", ""), w.get("sha256"), w.get("key_map")),
+        preprocess=Preprocess(p["resize"], p["crop"], p["interpolation"], tuple(p["mean"]), tuple(p["std"]),
+                              tuple(p.get("background", (255, 255, 255)))),
+        description=d.get("description", ""),
+    )

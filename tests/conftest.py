@@ -1,0 +1,47 @@
+"""Shared fixtures on real data: the foolbox ImageNet-20 JPEGs, Tux Paint stamps, real weights."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from featcache.datasets import imagenet20, write_tuxpaint_csv
+from featcache.extract.backbone import Backbone
+from featcache.extract.embedder import Embedder
+from featcache.extract.pipeline import ExtractConfig, Extraction
+from featcache.extract.registry import resolve
+
+
+@pytest.fixture(scope="session")
+def lite0() -> Backbone:
+    return Backbone.load(resolve("efficientnet_lite0"))
+
+
+@pytest.fixture(scope="session")
+def lite0_embedder(lite0) -> Embedder:
+    return Embedder(lite0, ["final"], "cpu", "fp32")
+
+
+@pytest.fixture(scope="session")
+def imagenet_dir(tmp_path_factory) -> Path:
+    """The 20 ImageNet JPEGs as a labelled folder: <class index>/<file>.jpg."""
+    root = tmp_path_factory.mktemp("imagenet20")
+    for path, label in imagenet20():
+        (root / str(label)).mkdir(exist_ok=True)
+        shutil.copy(path, root / str(label) / path.name)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tux_csv(tmp_path_factory) -> Path:
+    return write_tuxpaint_csv(tmp_path_factory.mktemp("tux") / "tuxpaint.csv")
+
+
+@pytest.fixture(scope="session")
+def tux_cache(tmp_path_factory, tux_csv, lite0_embedder) -> Path:
+    """A real cache: 240 Tux Paint stamps (7 classes) through EfficientNet-Lite0. Read-only for tests."""
+    cache = tmp_path_factory.mktemp("tuxcache") / "cache"
+    Extraction(ExtractConfig(str(tux_csv), str(cache), progress=False), lite0_embedder).run()
+    return cache
