@@ -59,6 +59,7 @@ def cmd_extract(args: argparse.Namespace) -> dict:
         source=args.source, cache=args.cache, backbone=args.backbone, weights=args.weights,
         taps=args.taps, precision=args.precision, device=args.device, batch_size=args.batch_size,
         workers=args.workers, labels=args.labels, max_pixels=args.max_pixels, progress=not args.quiet,
+        commit_every=args.commit_every,
     )
     result = extract(cfg)
 
@@ -111,6 +112,94 @@ def cmd_export(args: argparse.Namespace) -> dict:
     return result
 
 
+# -- search and service (issue 4) --------------------------------------------------
+@command("index")
+def cmd_index(args: argparse.Namespace) -> dict:
+    from .store.index import IndexParams, build_from_cache
+
+    params = IndexParams(kind=args.kind, target_recall=args.target_recall)
+    result = build_from_cache(args.cache, args.out, args.fingerprint, args.tap, params)
+
+    def human(r):
+        rec = r.get("recall_at_10")
+        return (f"{r['action']} {r['kind']} index {r['index']}: {r['count']} vectors (dim {r['dim']}, tap {r['tap']}), "
+                f"params {r['params']}, recall@10 {rec}, {r['memory_bytes'] / 1e6:.1f} MB, {r['seconds']}s")
+
+    _print(result, args.json, human)
+    return result
+
+
+@command("search")
+def cmd_search(args: argparse.Namespace) -> dict:
+    from pathlib import Path
+
+    from .errors import UsageError
+    from .store.index import VectorIndex
+
+    if (args.image is None) == (args.key is None):
+        raise UsageError("give exactly one of IMAGE or --key KEY")
+    index = VectorIndex.load(args.index)
+    if args.key is not None:
+        hits = index.search_key(args.key, args.k)
+        query = {"key": args.key}
+    else:
+        from .extract.decode import load_image
+        from .extract.embedder import embedder_for
+
+        m = index.manifest
+        emb = embedder_for(m["backbone"], m["fingerprint_description"], [m["tap"]], "cpu")
+        index.check(emb.fingerprint, m["tap"])
+        x = load_image(Path(args.image).read_bytes(), emb.spec.preprocess)
+        hits = index.search(emb.embed(x[None])[m["tap"]], args.k)[0]
+        query = {"image": args.image}
+    result = {"query": query, "index": args.index, "k": args.k,
+              "hits": [{"key": h.key, "sha256": h.sha256, "score": round(h.score, 6)} for h in hits]}
+    _print(result, args.json, lambda r: "\n".join(f"{h['score']:.4f}  {h['key']}" for h in r["hits"]))
+    return result
+
+
+@command("dedupe")
+def cmd_dedupe(args: argparse.Namespace) -> dict:
+    from .store.index import dedupe
+
+    result = dedupe(args.cache, args.fingerprint, args.tap, args.threshold)
+
+    def human(r):
+        lines = [f"{len(r['groups'])} groups of near-duplicates (cosine >= {r['threshold']}) among {r['images']} images"]
+        for g in r["groups"][:50]:
+            lines.append(f"  [{g['size']}, min cos {g['min_cosine']}] " + ", ".join(g["keys"][:8])
+                         + (" ..." if g["size"] > 8 else ""))
+        return "\n".join(lines)
+
+    _print(result, args.json, human)
+    return result
+
+
+@command("serve")
+def cmd_serve(args: argparse.Namespace) -> dict:
+    from .errors import UsageError
+    from .service.app import serve
+    from .service.config import ServiceConfig
+
+    heads = {}
+    for spec in args.head or []:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise UsageError(f"--head takes NAME=HEAD_DIR, got {spec!r}")
+        heads[name] = path
+    api_key = None
+    if args.api_key_file:
+        api_key = open(args.api_key_file).read().strip()
+        if not api_key:
+            raise UsageError(f"API key file {args.api_key_file} is empty")
+    cfg = ServiceConfig(cache=args.cache, heads=heads, index=args.index, fingerprint=args.fingerprint, api_key=api_key,
+                        device=args.device, batching=not args.no_batching, max_batch=args.max_batch,
+                        max_wait_ms=args.max_wait_ms, max_upload_bytes=args.max_upload_mb * 1024 * 1024,
+                        max_pixels=args.max_pixels)
+    serve(cfg, args.host, args.port)
+    return {}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="featcache", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true")
@@ -135,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--workers", type=int, help="decode threads (default: available CPUs)")
     sp.add_argument("--labels", default="folder", choices=["folder", "none"], help="labels from first-level folders, or none")
     sp.add_argument("--max-pixels", type=int, default=64_000_000, help="refuse larger images (decompression bombs)")
+    sp.add_argument("--commit-every", type=int, default=512, help="images per durable commit (resume granularity)")
     sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     sp = add("info", "show images, fingerprints, taps and failures in a cache")
@@ -146,6 +236,42 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True)
     sp.add_argument("--fingerprint", help="fingerprint (prefix); needed when the cache holds several")
     sp.add_argument("--taps", nargs="+", help="taps to export (default: all)")
+    # -- search and service (issue 4) --
+    sp = add("index", "build (or update in place) a cosine faiss index over a cache")
+    sp.add_argument("--cache", default="featcache-cache")
+    sp.add_argument("--fingerprint", help="fingerprint (prefix); needed when the cache holds several")
+    sp.add_argument("--tap", default="final")
+    sp.add_argument("--kind", default="auto", choices=["auto", "flat", "hnsw", "ivf"],
+                    help="auto: exact below 20,000 vectors, HNSW above")
+    sp.add_argument("--target-recall", type=float, default=0.99, help="recall@10 the search knob is tuned to")
+    sp.add_argument("--out", required=True, help="index directory (updated in place if it exists)")
+
+    sp = add("search", "nearest cached images to an image file or to an indexed key")
+    sp.add_argument("--index", required=True)
+    sp.add_argument("image", nargs="?", help="an image file")
+    sp.add_argument("--key", help="an indexed key instead of an image")
+    sp.add_argument("-k", type=int, default=10)
+
+    sp = add("dedupe", "list groups of near-duplicate images in a cache")
+    sp.add_argument("--cache", default="featcache-cache")
+    sp.add_argument("--fingerprint")
+    sp.add_argument("--tap", default="final")
+    sp.add_argument("--threshold", type=float, default=0.97, help="cosine at or above which two images are duplicates")
+
+    sp = add("serve", "HTTP service: embed, classify, search (binds 127.0.0.1 by default)")
+    sp.add_argument("--cache", default="featcache-cache")
+    sp.add_argument("--fingerprint")
+    sp.add_argument("--head", action="append", metavar="NAME=HEAD_DIR", help="a head bundle to serve (repeatable)")
+    sp.add_argument("--index", help="an index directory from `featcache index`")
+    sp.add_argument("--host", default="127.0.0.1")
+    sp.add_argument("--port", type=int, default=8000)
+    sp.add_argument("--api-key-file", help="file holding the API key clients must send as X-API-Key")
+    sp.add_argument("--device", default="auto")
+    sp.add_argument("--no-batching", action="store_true", help="one forward pass per request")
+    sp.add_argument("--max-batch", type=int, default=16)
+    sp.add_argument("--max-wait-ms", type=float, default=4.0, help="longest wait to fill a batch")
+    sp.add_argument("--max-upload-mb", type=int, default=16)
+    sp.add_argument("--max-pixels", type=int, default=40_000_000)
     return p
 
 

@@ -34,3 +34,28 @@ def _cgroup_quota() -> float | None:
     except (OSError, ValueError):
         pass
     return None
+
+
+_malloc_tuned = False
+
+
+def tune_malloc() -> None:
+    """Keep freed activation buffers in the heap instead of returning them to the OS.
+
+    glibc serves large blocks with mmap and unmaps them on free, so every forward pass
+    page-faults its activations in again (seen as ~50% system time on CPU inference).
+    Raising the mmap and trim thresholds makes those buffers reusable. No-op off glibc.
+    """
+    global _malloc_tuned
+    if _malloc_tuned:
+        return
+    _malloc_tuned = True
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        libc.mallopt(m_mmap_threshold, 1 << 30)
+        libc.mallopt(m_trim_threshold, (1 << 31) - 1)
+    except (OSError, AttributeError):
+        pass

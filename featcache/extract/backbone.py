@@ -213,7 +213,7 @@ def decompose(spec: BackboneSpec, model: nn.Module) -> tuple[list[nn.Module], di
     if spec.family == "timm":
         if not hasattr(model, "blocks") and not hasattr(model, "stages"):
             raise UsageError(f"timm:{spec.arch} has no blocks/stages sequence featcache can tap")
-        seq = list(getattr(model, "blocks", None) or getattr(model, "stages"))
+        seq = list(getattr(model, "blocks", None) or model.stages)
         stem = _TimmStem(model, ["conv_stem", "bn1", "stem"])
         blocks = [stem, *seq]
         tail = ["conv_head", "bn2", "norm_pre"]

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
-from ..runtime import available_cpus
+from ..runtime import available_cpus, tune_malloc
 from .backbone import Backbone
 from .spec import PRECISIONS, fingerprint
 
@@ -73,6 +73,7 @@ class Embedder:
         self.fingerprint, self.canon = fingerprint(self.spec, backbone.weights_sha256, self.precision)
         self.threads = threads or available_cpus()
         if self.device.type == "cpu":
+            tune_malloc()
             torch.set_num_threads(self.threads)
         else:
             torch.backends.cudnn.benchmark = True

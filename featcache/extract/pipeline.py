@@ -19,14 +19,14 @@ import numpy as np
 import torch
 
 from ..errors import FeatcacheError
+from ..progress import Progress
 from ..runtime import available_cpus
-from ..store.cache import STATUS_FAILED, STATUS_OK, FeatureCache, FeatureGroup
+from ..store.cache import STATUS_FAILED, STATUS_OK, FeatureCache, FeatureGroup, writer_lock
 from .backbone import Backbone
 from .decode import DEFAULT_MAX_PIXELS, load_image
 from .embedder import Embedder
 from .registry import DEFAULT_BACKBONE, resolve
 from .sources import Item, list_source
-from ..progress import Progress
 
 
 @dataclass
@@ -107,10 +107,9 @@ class Extraction:
     def run(self) -> dict:
         t0 = time.perf_counter()
         items, skipped = list_source(self.cfg.source, self.cfg.labels)
-        cache = FeatureCache(self.cfg.cache, create=True)
-        with cache.lock(), ThreadPoolExecutor(self.workers, thread_name_prefix="featcache") as pool:
+        with writer_lock(self.cfg.cache), ThreadPoolExecutor(self.workers, thread_name_prefix="featcache") as pool:
             self.pool = pool
-            summary = self._run(cache, items)
+            summary = self._run(FeatureCache(self.cfg.cache, create=True), items)
         summary["skipped_non_image_suffix"] = skipped
         summary["seconds"] = round(time.perf_counter() - t0, 3)
         summary["timings"] = {k: round(v, 3) for k, v in self.timings.items()}

@@ -86,11 +86,6 @@ class FeatureCache:
             for name in ("sha256", "key", "path", "label"):
                 imgs.create_array(name, shape=(0,), chunks=(_ROWS_1D,), dtype=str)
 
-    # -- locking -----------------------------------------------------------------
-    def lock(self) -> _Lock:
-        """Exclusive writer lock (released by the OS if the process dies)."""
-        return _Lock(self.root / ".writer.lock")
-
     # -- image table -------------------------------------------------------------
     def _images(self) -> zarr.Group:
         return zarr.open_group(str(self.root / "images"), mode="r+", zarr_format=3)
@@ -250,18 +245,24 @@ class FeatureGroup:
         self.g.attrs.update({"rows": rows, "tap_rows": self.tap_rows})
 
 
+def writer_lock(root: str | os.PathLike) -> _Lock:
+    """Exclusive writer lock on a cache directory (created if missing); the OS drops it if the process dies."""
+    Path(root).mkdir(parents=True, exist_ok=True)
+    return _Lock(Path(root))
+
+
 class _Lock:
     def __init__(self, path: Path):
         self.path = path
         self.fd: int | None = None
 
     def __enter__(self) -> _Lock:
-        self.fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+        self.fd = os.open(self.path, os.O_RDONLY)  # flock on the directory: no stray file in the group
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(self.fd)
-            raise CacheError(f"another featcache process is writing to {self.path.parent}; wait for it or stop it") from None
+            raise CacheError(f"another featcache process is writing to {self.path}; wait for it or stop it") from None
         return self
 
     def __exit__(self, *exc) -> None:
