@@ -74,6 +74,12 @@ def normalise(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x / np.maximum(n, 1e-12), dtype=np.float32)
 
 
+def _fixed_str(a) -> np.ndarray:
+    """Fixed-width unicode (saveable without pickle) from any string array or list."""
+    a = list(a.tolist() if isinstance(a, np.ndarray) else a)
+    return np.array(a, dtype=np.str_) if a else np.array([], dtype="<U1")
+
+
 def _versions() -> dict[str, str]:
     out = {}
     for pkg in ("featcache", "faiss-cpu", "numpy"):
@@ -108,8 +114,8 @@ class VectorIndex:
         self.index = index
         self.manifest = manifest
         self._ids = np.asarray(ids, dtype=np.int64)
-        self._keys = np.asarray(keys).astype(str)
-        self._sha = np.asarray(sha256).astype(str)
+        self._keys = _fixed_str(keys)
+        self._sha = _fixed_str(sha256)
         self._pos = {int(i): p for p, i in enumerate(self._ids)}
         self._by_key = {k: int(i) for k, i in zip(self._keys.tolist(), self._ids.tolist(), strict=True)}
         self.deleted: set[int] = set(int(i) for i in (deleted if deleted is not None else []))
@@ -346,8 +352,8 @@ class VectorIndex:
         if new.any():
             self.index.add_with_ids(normalise(vectors[new]), ids[new])
             self._ids = np.concatenate([self._ids, ids[new]])
-            self._keys = np.concatenate([self._keys, np.asarray(keys)[new].astype(str)])
-            self._sha = np.concatenate([self._sha, np.asarray(sha256)[new].astype(str)])
+            self._keys = np.concatenate([self._keys, _fixed_str(np.asarray(keys)[new])])
+            self._sha = np.concatenate([self._sha, _fixed_str(np.asarray(sha256)[new])])
             for p in range(len(self._ids) - int(new.sum()), len(self._ids)):
                 self._pos[int(self._ids[p])] = p
                 self._by_key[str(self._keys[p])] = int(self._ids[p])

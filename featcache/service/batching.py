@@ -1,0 +1,93 @@
+"""Micro-batching: concurrent requests share one forward pass, after a bounded wait.
+
+Requests put preprocessed images on an asyncio queue; one worker takes the first, waits
+at most ``max_wait_s`` for more (up to ``max_batch``), and runs the embedder on the stack
+in a single model thread. With batching off, each request runs its own forward pass in
+that same thread (one at a time, so torch's threads are never oversubscribed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+EmbedFn = Callable[[torch.Tensor], dict[str, np.ndarray]]
+
+
+class MicroBatcher:
+    """``await submit(x)`` returns {tap: vector} for one uint8 (3, H, W) image."""
+
+    def __init__(self, embed: EmbedFn, max_batch: int = 16, max_wait_s: float = 0.004, enabled: bool = True,
+                 on_batch: Callable[[int], None] | None = None):
+        self.embed = embed
+        self.max_batch = max(1, max_batch)
+        self.max_wait_s = max(0.0, max_wait_s)
+        self.enabled = enabled
+        self.on_batch = on_batch or (lambda n: None)
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="featcache-model")
+        self._queue: asyncio.Queue | None = None
+        self._worker: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        if self.enabled:
+            self._queue = asyncio.Queue()
+            self._worker = asyncio.create_task(self._run(), name="featcache-batcher")
+
+    async def stop(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._worker
+        self._pool.shutdown(wait=True)
+
+    def describe(self) -> dict:
+        return {"enabled": self.enabled, "max_batch": self.max_batch, "max_wait_ms": self.max_wait_s * 1000}
+
+    async def submit(self, x: torch.Tensor) -> dict[str, np.ndarray]:
+        loop = asyncio.get_running_loop()
+        if not self.enabled:
+            out = await loop.run_in_executor(self._pool, self._forward, x[None])
+            return {k: v[0] for k, v in out.items()}
+        fut = loop.create_future()
+        await self._queue.put((x, fut))
+        return await fut
+
+    def _forward(self, batch: torch.Tensor) -> dict[str, np.ndarray]:
+        self.on_batch(len(batch))
+        return self.embed(batch)
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        q = self._queue
+        while True:
+            items = [await q.get()]
+            deadline = loop.time() + self.max_wait_s
+            while len(items) < self.max_batch:
+                if not q.empty():
+                    items.append(q.get_nowait())
+                    continue
+                left = deadline - loop.time()
+                if left <= 0:
+                    break
+                try:
+                    items.append(await asyncio.wait_for(q.get(), left))
+                except TimeoutError:
+                    break
+            items = [(x, f) for x, f in items if not f.cancelled()]
+            if not items:
+                continue
+            try:
+                out = await loop.run_in_executor(self._pool, self._forward, torch.stack([x for x, _ in items]))
+            except Exception as e:  # noqa: BLE001 - hand the failure to every waiting request
+                for _, f in items:
+                    if not f.done():
+                        f.set_exception(e)
+                continue
+            for i, (_, f) in enumerate(items):
+                if not f.done():
+                    f.set_result({k: v[i] for k, v in out.items()})

@@ -1,0 +1,23 @@
+"""Service settings (one object, filled by the CLI or by tests)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ServiceConfig:
+    """What to serve and the limits to serve it under."""
+
+    cache: str
+    heads: dict[str, str] = field(default_factory=dict)  # name -> head bundle dir
+    index: str | None = None
+    fingerprint: str | None = None  # prefix; needed when the cache holds several
+    api_key: str | None = None
+    device: str = "auto"
+    max_upload_bytes: int = 16 * 1024 * 1024
+    max_pixels: int = 40_000_000
+    batching: bool = True
+    max_batch: int = 16
+    max_wait_ms: float = 4.0
+    k_max: int = 100

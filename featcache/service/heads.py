@@ -1,0 +1,79 @@
+"""Named classifier heads, loaded from head bundles (``featcache.classify.bundle``), reloadable live.
+
+A reload loads the new bundle off the event loop, checks its fingerprint and tap against
+the serving backbone, then swaps one dict entry: requests already holding the old head
+finish with it, new ones get the new head, none fail. A bad bundle leaves the old head
+serving and the reload answers with the error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..classify.bundle import HeadBundle, load_bundle
+from ..errors import FingerprintMismatch, NotFoundError
+
+
+@dataclass(frozen=True)
+class LoadedHead:
+    name: str
+    path: Path
+    bundle: HeadBundle
+    loaded_at: str
+    reloads: int = 0
+
+    def describe(self) -> dict:
+        m = self.bundle.manifest
+        return {"name": self.name, "labels": list(self.bundle.labels), "tap": self.bundle.tap,
+                "type": m.get("head", {}).get("type", "?"), "fingerprint": self.bundle.fingerprint,
+                "loaded_at": self.loaded_at, "reloads": self.reloads}
+
+
+class HeadRegistry:
+    """Heads by name for one serving fingerprint and set of embedded taps."""
+
+    def __init__(self, fingerprint: str, taps: list[str]):
+        self.fingerprint = fingerprint
+        self.taps = set(taps)
+        self._heads: dict[str, LoadedHead] = {}
+        self._lock = asyncio.Lock()
+
+    def _load(self, name: str, path: Path, reloads: int) -> LoadedHead:
+        bundle = load_bundle(path)
+        bundle.check(self.fingerprint, "serving backbone's vectors")
+        if bundle.tap not in self.taps:
+            raise FingerprintMismatch(f"head {name!r} reads tap {bundle.tap!r}, but this server embeds {sorted(self.taps)}; "
+                                      "restart the server with that head so it embeds the tap")
+        return LoadedHead(name, path, bundle, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), reloads)
+
+    def add(self, name: str, path: str | Path) -> LoadedHead:
+        """Load at start-up (raises FingerprintMismatch for a head of another backbone)."""
+        head = self._load(name, Path(path), 0)
+        self._heads[name] = head
+        return head
+
+    def names(self) -> list[str]:
+        return sorted(self._heads)
+
+    def get(self, name: str | None) -> LoadedHead:
+        if name is None:
+            if len(self._heads) == 1:
+                return next(iter(self._heads.values()))
+            if not self._heads:
+                raise NotFoundError("this server has no heads; start it with --head NAME=HEAD_DIR")
+            raise NotFoundError(f"name a head: this server has {self.names()}")
+        head = self._heads.get(name)
+        if head is None:
+            raise NotFoundError(f"no head named {name!r}; this server has {self.names()}")
+        return head
+
+    async def reload(self, name: str) -> tuple[LoadedHead, LoadedHead]:
+        """Re-read the bundle of a configured head; returns (new, old)."""
+        async with self._lock:
+            old = self.get(name)
+            new = await asyncio.to_thread(self._load, name, old.path, old.reloads + 1)
+            self._heads[name] = new
+            return new, old

@@ -1,0 +1,43 @@
+"""POST /v1/classify with a named head; POST /v1/heads/{name}/reload swaps a retrained head live."""
+
+from __future__ import annotations
+
+import numpy as np
+from fastapi import APIRouter, Depends, File, Form, Path, UploadFile
+
+from ..deps import get_state, require_multipart
+from ..embedding import embed_upload
+from ..models import ClassifyResponse, LabelScore, ReloadResponse
+from ..state import ServiceState
+
+router = APIRouter(prefix="/v1", tags=["classify"])
+
+
+@router.post("/classify", response_model=ClassifyResponse, dependencies=[Depends(require_multipart)])
+async def classify(image: UploadFile = File(description="the image file"),
+                   head: str | None = Form(None, max_length=128, description="head name (optional with one head)"),
+                   top_k: int = Form(5, ge=1, le=100, description="how many labels to return"),
+                   state: ServiceState = Depends(get_state)) -> ClassifyResponse:
+    """Class probabilities from a named head over the image's embedding."""
+    loaded = state.heads.get(head)  # hold this head for the whole request, even if it is reloaded meanwhile
+    timings: dict[str, float] = {}
+    out = await embed_upload(state, image, timings)
+    with state.metrics.time("head", timings):
+        proba = loaded.bundle.predict_proba(out[loaded.bundle.tap][None], state.fingerprint)[0]
+    order = np.argsort(-proba)[:top_k]
+    labels = loaded.bundle.labels
+    return ClassifyResponse(head=loaded.name, fingerprint=state.fingerprint, label=labels[int(order[0])],
+                            top=[LabelScore(label=labels[int(i)], probability=float(proba[i])) for i in order],
+                            timings_ms=timings)
+
+
+@router.post("/heads/{name}/reload", response_model=ReloadResponse)
+async def reload_head(name: str = Path(max_length=128), state: ServiceState = Depends(get_state)) -> ReloadResponse:
+    """Re-read a configured head's bundle from its directory; requests in flight are not disturbed."""
+    try:
+        new, old = await state.heads.reload(name)
+    except Exception:
+        state.metrics.reloads.labels(name if name in state.heads.names() else "other", "failed").inc()
+        raise
+    state.metrics.reloads.labels(name, "ok").inc()
+    return ReloadResponse(head=new.describe(), previous_loaded_at=old.loaded_at)
