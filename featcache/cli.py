@@ -59,6 +59,7 @@ def cmd_extract(args: argparse.Namespace) -> dict:
         source=args.source, cache=args.cache, backbone=args.backbone, weights=args.weights,
         taps=args.taps, precision=args.precision, device=args.device, batch_size=args.batch_size,
         workers=args.workers, labels=args.labels, max_pixels=args.max_pixels, progress=not args.quiet,
+        commit_every=args.commit_every,
     )
     result = extract(cfg)
 
@@ -223,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--workers", type=int, help="decode threads (default: available CPUs)")
     sp.add_argument("--labels", default="folder", choices=["folder", "none"], help="labels from first-level folders, or none")
     sp.add_argument("--max-pixels", type=int, default=64_000_000, help="refuse larger images (decompression bombs)")
+    sp.add_argument("--commit-every", type=int, default=512, help="images per durable commit (resume granularity)")
     sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     sp = add("info", "show images, fingerprints, taps and failures in a cache")
