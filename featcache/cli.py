@@ -200,6 +200,118 @@ def cmd_serve(args: argparse.Namespace) -> dict:
     return {}
 
 
+# -- heads (issue 3) ---------------------------------------------------------------
+def _head_params(items: list[str] | None) -> dict:
+    """``--param logreg.C=0.1 mlp.hidden=256`` -> {"logreg": {"C": 0.1}, "mlp": {"hidden": 256}}."""
+    out: dict = {}
+    for item in items or []:
+        name, _, value = item.partition("=")
+        kind, _, param = name.partition(".")
+        if not value or not param:
+            from .errors import UsageError
+
+            raise UsageError(f"--param expects HEAD.NAME=VALUE (e.g. logreg.C=0.1), got {item!r}")
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = value
+        out.setdefault(kind, {})[param] = parsed
+    return out
+
+
+@command("train")
+def cmd_train(args: argparse.Namespace) -> dict:
+    from .classify.train import TrainConfig, train
+
+    cfg = TrainConfig(cache=args.cache, out=args.out, fingerprint=args.fingerprint, taps=args.tap, heads=args.head,
+                      cv=args.cv, test_split=args.test_split, test_source=args.test_source, seed=args.seed,
+                      params=_head_params(args.param))
+    result, evals = train(cfg)
+    if args.report:
+        from .classify.report import write_report
+        from .store.cache import FeatureCache
+
+        write_report(args.report, result, evals, FeatureCache(args.cache))
+        result["report"] = {"html": args.report, "json": str(__import__("pathlib").Path(args.report).with_suffix(".json"))}
+
+    def human(r):
+        m, ev = r["metrics"], r["evaluation"]
+        lines = [f"{r['labelled_rows']} labelled images, {r['classes']} classes, backbone {r['backbone']} "
+                 f"({r['fingerprint']}); evaluation: {ev['mode']}"]
+        lines.append(f"{'tap':8} {'head':11} {'accuracy':>9} {'macro-F1':>9} {'ECE':>6} {'train s':>8}")
+        for x in r["results"]:
+            mark = " *" if (x["tap"], x["head"]) == (r["best"]["tap"], r["best"]["head"]) else ""
+            lines.append(f"{x['tap']:8} {x['head']:11} {x['accuracy']:9.4f} {x['macro_f1']:9.4f} {x['ece']:6.3f} "
+                         f"{x['train_seconds']:8.2f}{mark}")
+        worst = sorted(m["per_class"].items(), key=lambda kv: kv[1]["f1"])[:3]
+        lines.append("weakest classes: " + ", ".join(f"{c} (P {v['precision']:.2f} R {v['recall']:.2f})" for c, v in worst))
+        if r.get("out"):
+            lines.append(f"saved {r['best']['head']} on {r['best']['tap']} to {r['out']}")
+        if r.get("report"):
+            lines.append(f"report {r['report']['html']} (+ {r['report']['json']})")
+        return "\n".join(lines)
+
+    _print({k: v for k, v in result.items() if k != "metrics"} | {"metrics": {
+        k: v for k, v in result["metrics"].items() if k != "reliability"}}, args.json, human)
+    return result
+
+
+@command("predict")
+def cmd_predict(args: argparse.Namespace) -> dict:
+    from .classify.predict import predict
+
+    result = predict(args.head, args.images, cache=args.cache, device=args.device, top_k=args.top)
+
+    def human(r):
+        lines = []
+        for x in r["results"]:
+            if "error" in x:
+                lines.append(f"{x['image']}: ERROR {x['error']}")
+            else:
+                alts = ", ".join(f"{t['label']} {t['probability']:.3f}" for t in x["top"][1:])
+                lines.append(f"{x['image']}: {x['label']} {x['probability']:.3f}" + (f"  ({alts})" if alts else ""))
+        lines.append(f"{r['predicted']} predicted, {r['failed']} failed")
+        return "\n".join(lines)
+
+    _print(result, args.json, human)
+    return result
+
+
+@command("probe")
+def cmd_probe(args: argparse.Namespace) -> dict:
+    from .classify.probe import probe
+
+    result = probe(args.cache, args.fingerprint, max_rows=args.max_rows)
+
+    def human(r):
+        lines = [f"linear probe by depth ({r['rows']} images, {r['classes']} classes, {r['evaluation']}, "
+                 f"chance {r['chance']:.3f}):"]
+        for t in r["taps"]:
+            bar = "#" * int(round(40 * t["accuracy"]))
+            mark = "  <- best" if t["tap"] == r["best_tap"] else ""
+            lines.append(f"  {t['tap']:7} dim {t['dim']:5}  {t['accuracy']:.4f}  {bar}{mark}")
+        return "\n".join(lines)
+
+    _print(result, args.json, human)
+    return result
+
+
+@command("advise")
+def cmd_advise(args: argparse.Namespace) -> dict:
+    from .classify.probe import advise
+
+    result = advise(args.cache, args.fingerprint, max_rows=args.max_rows)
+
+    def human(r):
+        lines = [f"recommendation: {r['recommendation']}  (cell: {r['cell']})", "evidence:"]
+        lines += [f"  - {e}" for e in r["evidence"]]
+        lines.append(f"next: {r['next']}")
+        return "\n".join(lines)
+
+    _print(result, args.json, human)
+    return result
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="featcache", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true")
@@ -272,6 +384,39 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--max-wait-ms", type=float, default=4.0, help="longest wait to fill a batch")
     sp.add_argument("--max-upload-mb", type=int, default=16)
     sp.add_argument("--max-pixels", type=int, default=40_000_000)
+
+    # -- heads (issue 3) --
+    sp = add("train", "train classifier heads on cached features, evaluate, save the best as a bundle")
+    sp.add_argument("--cache", default="featcache-cache")
+    sp.add_argument("--fingerprint", help="fingerprint (prefix); needed when the cache holds several")
+    sp.add_argument("--tap", nargs="+", default=["final"], help="tap(s) to train on (several: compared, best kept)")
+    sp.add_argument("--head", nargs="+", default=["logreg"], choices=["logreg", "linear-svm", "knn", "mlp"],
+                    help="head type(s) (several: compared, best kept; default logreg)")
+    sp.add_argument("--out", help="head bundle directory to write")
+    ev = sp.add_mutually_exclusive_group()
+    ev.add_argument("--cv", type=int, metavar="K", help="stratified K-fold cross-validation (bundle refit on all rows)")
+    ev.add_argument("--test-split", type=float, metavar="F", help="hold out a stratified fraction F (default 0.2)")
+    ev.add_argument("--test-source", metavar="SOURCE", help="folder/CSV whose images (by sha256 or key) are the test set")
+    sp.add_argument("--report", metavar="PATH", help="write a self-contained HTML report (and PATH.json)")
+    sp.add_argument("--param", nargs="+", metavar="HEAD.NAME=VALUE", help="head parameters, e.g. logreg.C=0.1 mlp.hidden=256")
+    sp.add_argument("--seed", type=int, default=0)
+
+    sp = add("predict", "label images with a head bundle (embeds them with the head's backbone)")
+    sp.add_argument("--head", required=True, help="head bundle directory")
+    sp.add_argument("images", nargs="+", help="image files")
+    sp.add_argument("--cache", help="reuse cached vectors from this cache (default: the cache named in the head)")
+    sp.add_argument("--device", default="auto")
+    sp.add_argument("--top", type=int, default=3, help="labels shown per image")
+
+    sp = add("probe", "linear probes on every cached tap: which depth transfers best")
+    sp.add_argument("--cache", default="featcache-cache")
+    sp.add_argument("--fingerprint")
+    sp.add_argument("--max-rows", type=int, default=20000, help="stratified subsample for speed")
+
+    sp = add("advise", "where the data sits in the transfer-learning matrix, from measurements")
+    sp.add_argument("--cache", default="featcache-cache")
+    sp.add_argument("--fingerprint")
+    sp.add_argument("--max-rows", type=int, default=20000, help="stratified subsample for the probes")
     return p
 
 

@@ -1,0 +1,94 @@
+"""Labelled features out of the cache, and the train/test splits heads are evaluated on."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import NotFoundError, UsageError
+from ..store.cache import FeatureCache
+from .heads import as_labels, stratified_holdout
+
+
+@dataclass
+class Labelled:
+    """Labelled rows of one fingerprint and tap."""
+
+    fingerprint: str
+    tap: str
+    X: np.ndarray  # (n, d) float32
+    y: np.ndarray  # (n,) unicode labels
+    sha256: np.ndarray  # (n,) unicode
+    keys: np.ndarray  # (n,) unicode
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def subset(self, idx: np.ndarray) -> Labelled:
+        return Labelled(self.fingerprint, self.tap, self.X[idx], self.y[idx], self.sha256[idx], self.keys[idx])
+
+
+def load_labelled(cache: FeatureCache, fingerprint: str | None = None, tap: str = "final") -> Labelled:
+    """The labelled, successfully decoded rows of ``tap`` (unlabelled rows are left out)."""
+    f = cache.read(fingerprint, tap)
+    y = as_labels(f.labels)
+    keep = y != ""
+    if keep.sum() == 0:
+        raise UsageError(f"cache {cache.root} has no labelled rows for {f.fingerprint}/{tap}; "
+                         "extract a folder with class subfolders or a CSV with a label column")
+    return Labelled(f.fingerprint, tap, f.vectors[keep], y[keep], as_labels(f.sha256)[keep], as_labels(f.keys)[keep])
+
+
+def align(a: Labelled, b: Labelled) -> Labelled:
+    """``b`` restricted and reordered to ``a``'s rows (taps can lag behind while extracting)."""
+    pos = {s: i for i, s in enumerate(b.sha256)}
+    idx = np.asarray([pos.get(s, -1) for s in a.sha256])
+    if (idx < 0).any():
+        raise UsageError(f"tap {b.tap} lacks {(idx < 0).sum()} rows that tap {a.tap} has (extraction still running?)")
+    return b.subset(idx)
+
+
+def test_split(y: np.ndarray, fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified (train, test) indices."""
+    if not 0 < fraction < 1:
+        raise UsageError(f"--test-split must be between 0 and 1, got {fraction}")
+    return stratified_holdout(np.unique(y, return_inverse=True)[1], fraction, seed)
+
+
+def source_split(data: Labelled, source: str) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(train, test) indices: rows whose image content (sha256) or key is in SOURCE are the test set."""
+    from ..extract.sources import list_source
+
+    items, _ = list_source(source, "none")
+    if not items:
+        raise NotFoundError(f"--test-source {source} holds no images")
+    hashes = set()
+    for it in items:
+        try:
+            with open(it.path, "rb") as f:
+                hashes.add(hashlib.file_digest(f, "sha256").hexdigest())
+        except OSError:
+            continue
+    keys = {it.key for it in items} | {Path(it.key).as_posix() for it in items}
+    test = np.asarray([s in hashes or k in keys for s, k in zip(data.sha256, data.keys)])
+    matched = int(test.sum())
+    info = {"test_source": str(source), "source_images": len(items), "matched_rows": matched}
+    if matched == 0:
+        raise UsageError(f"none of the {len(items)} images in --test-source {source} are in the cache; "
+                         f"extract them first: featcache extract {source} --cache CACHE")
+    if matched == len(data):
+        raise UsageError(f"every labelled row is in --test-source {source}; nothing left to train on")
+    return np.flatnonzero(~test), np.flatnonzero(test), info
+
+
+def kfold(y: np.ndarray, k: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Stratified K-fold (train, test) index pairs."""
+    from sklearn.model_selection import StratifiedKFold
+
+    counts = np.unique(y, return_counts=True)[1]
+    if k < 2 or counts.min() < k:
+        raise UsageError(f"--cv {k} needs k >= 2 and at least k images per class (smallest class has {counts.min()})")
+    return list(StratifiedKFold(k, shuffle=True, random_state=seed).split(np.zeros(len(y)), y))

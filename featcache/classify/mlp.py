@@ -1,0 +1,117 @@
+"""A small torch MLP head: standardise, one hidden layer, dropout, early stopping, a seed."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+from sklearn.utils.validation import check_is_fitted
+from torch import nn
+
+from .heads import Head, _softmax, as_features, set_threads, stratified_holdout
+
+
+class MLPHead(Head):
+    """features -> Linear(hidden) -> GELU -> Dropout -> Linear(classes), AdamW, cosine LR.
+
+    A stratified ``val_fraction`` of the training data decides early stopping (``patience``
+    epochs without a better validation loss); the best epoch's weights are kept.
+    """
+
+    kind = "mlp"
+
+    def __init__(self, hidden: int = 512, dropout: float = 0.3, lr: float = 1e-3, weight_decay: float = 1e-4,
+                 batch_size: int = 256, max_epochs: int = 40, patience: int = 4, val_fraction: float = 0.1,
+                 max_seconds: float | None = None, random_state: int = 0, threads: int | None = None):
+        self.hidden = hidden
+        self.dropout = dropout
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.batch_size = batch_size
+        self.max_epochs = max_epochs
+        self.patience = patience
+        self.val_fraction = val_fraction
+        self.max_seconds = max_seconds
+        self.random_state = random_state
+        self.threads = threads
+
+    def _net(self, d: int, k: int) -> nn.Sequential:
+        return nn.Sequential(nn.Linear(d, self.hidden), nn.GELU(), nn.Dropout(self.dropout), nn.Linear(self.hidden, k))
+
+    def fit(self, X, y) -> MLPHead:
+        t0 = time.perf_counter()
+        X = as_features(X)
+        set_threads(self.threads, X.size)
+        y_idx = self._encode(y)
+        self.n_features_in_ = X.shape[1]
+        self.mean_ = X.mean(axis=0)
+        scale = X.std(axis=0)
+        scale[scale < 1e-6] = 1.0
+        self.scale_ = scale
+        Xs = torch.from_numpy((X - self.mean_) / self.scale_)
+        yt = torch.from_numpy(y_idx)
+        tr, va = stratified_holdout(y_idx, self.val_fraction, self.random_state)
+        torch.manual_seed(self.random_state)
+        gen = torch.Generator().manual_seed(self.random_state)
+        net = self._net(X.shape[1], len(self.classes_))
+        steps = max(1, -(-len(tr) // self.batch_size)) * self.max_epochs
+        opt = torch.optim.AdamW(net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=self.lr, total_steps=steps, pct_start=0.1)
+        Xtr, ytr, Xva, yva = Xs[tr], yt[tr], Xs[va], yt[va]
+        best, best_state, bad = float("inf"), None, 0
+        self.history_ = []
+        for epoch in range(self.max_epochs):
+            net.train()
+            perm = torch.randperm(len(tr), generator=gen)
+            for i in range(0, len(tr), self.batch_size):
+                j = perm[i : i + self.batch_size]
+                opt.zero_grad(set_to_none=True)
+                nn.functional.cross_entropy(net(Xtr[j]), ytr[j]).backward()
+                opt.step()
+                sched.step()
+            net.eval()
+            with torch.no_grad():
+                logits = net(Xva)
+                loss = float(nn.functional.cross_entropy(logits, yva))
+                acc = float((logits.argmax(1) == yva).float().mean())
+            self.history_.append({"epoch": epoch + 1, "val_loss": round(loss, 5), "val_accuracy": round(acc, 5)})
+            if loss < best - 1e-4:
+                best, bad = loss, 0
+                best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+            else:
+                bad += 1
+            if bad >= self.patience or (self.max_seconds and time.perf_counter() - t0 > self.max_seconds):
+                break
+        net.load_state_dict(best_state)
+        self.n_epochs_ = len(self.history_)
+        self.best_epoch_ = int(np.argmin([h["val_loss"] for h in self.history_])) + 1
+        sd = net.state_dict()
+        self.w1_, self.b1_ = sd["0.weight"].numpy(), sd["0.bias"].numpy()
+        self.w2_, self.b2_ = sd["3.weight"].numpy(), sd["3.bias"].numpy()
+        self._module = None
+        return self
+
+    def _module_eval(self) -> nn.Sequential:
+        if getattr(self, "_module", None) is None:
+            net = self._net(self.w1_.shape[1], self.w2_.shape[0])
+            net.load_state_dict({"0.weight": torch.from_numpy(self.w1_), "0.bias": torch.from_numpy(self.b1_),
+                                 "3.weight": torch.from_numpy(self.w2_), "3.bias": torch.from_numpy(self.b2_)})
+            self._module = net.eval()
+        return self._module
+
+    def decision_function(self, X) -> np.ndarray:
+        check_is_fitted(self, "w1_")
+        Xs = torch.from_numpy((as_features(X) - self.mean_) / self.scale_)
+        with torch.inference_mode():
+            return self._module_eval()(Xs).numpy()
+
+    def predict_proba(self, X) -> np.ndarray:
+        return _softmax(self.decision_function(X).copy())
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {"mean_": self.mean_, "scale_": self.scale_, "w1_": self.w1_, "b1_": self.b1_,
+                "w2_": self.w2_, "b2_": self.b2_}
+
+    def _dim(self) -> int:
+        return self.w1_.shape[1]
