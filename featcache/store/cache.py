@@ -93,7 +93,7 @@ class FeatureCache:
     def images(self) -> ImageTable:
         g = self._images()
         n = int(g.attrs["rows"])
-        return ImageTable(*(np.asarray(g[name][:n]) for name in ("sha256", "key", "path", "label")))
+        return ImageTable(*(_unicode(g[name][:n]) for name in ("sha256", "key", "path", "label")))
 
     def append_images(self, sha256: list[str], keys: list[str], paths: list[str], labels: list[str]) -> None:
         """Append new image rows and commit them."""
@@ -186,7 +186,7 @@ class FeatureCache:
         n = min(int(attrs["rows"]), int(attrs["tap_rows"][tap]))
         image = g["image"][:n]
         status = g["status"][:n]
-        errors = np.asarray(g["error"][:n])
+        errors = _unicode(g["error"][:n])
         vectors = g["taps"][tap][:n]
         imgs = self.images()
         keep = np.ones(n, bool) if include_failed else status == STATUS_OK
@@ -274,6 +274,11 @@ class _Lock:
 def strings(values) -> np.ndarray:
     """A numpy variable-width string array (what zarr's string dtype stores and returns)."""
     return np.array(values, dtype=np.dtypes.StringDType())
+
+
+def _unicode(values: np.ndarray) -> np.ndarray:
+    """Plain fixed-width numpy strings, which every numpy/sklearn API accepts."""
+    return np.array(values.tolist(), dtype=str)
 
 
 def _round_up(n: int, chunk: int) -> int:

