@@ -45,3 +45,11 @@ def tux_cache(tmp_path_factory, tux_csv, lite0_embedder) -> Path:
     cache = tmp_path_factory.mktemp("tuxcache") / "cache"
     Extraction(ExtractConfig(str(tux_csv), str(cache), progress=False), lite0_embedder).run()
     return cache
+
+
+@pytest.fixture(scope="session")
+def imagenet_cache(tmp_path_factory, imagenet_dir, lite0_embedder) -> Path:
+    """A small real cache: the 20 ImageNet JPEGs through EfficientNet-Lite0 (labels: class index). Read-only."""
+    cache = tmp_path_factory.mktemp("imagenetcache") / "cache"
+    Extraction(ExtractConfig(str(imagenet_dir), str(cache), progress=False), lite0_embedder).run()
+    return cache
