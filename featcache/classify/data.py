@@ -51,7 +51,7 @@ def align(a: Labelled, b: Labelled) -> Labelled:
     return b.subset(idx)
 
 
-def test_split(y: np.ndarray, fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def holdout_split(y: np.ndarray, fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Stratified (train, test) indices."""
     if not 0 < fraction < 1:
         raise UsageError(f"--test-split must be between 0 and 1, got {fraction}")

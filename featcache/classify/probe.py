@@ -22,7 +22,7 @@ import numpy as np
 
 from ..errors import UsageError
 from ..store.cache import FeatureCache
-from .data import align, kfold, load_labelled, test_split
+from .data import align, holdout_split, kfold, load_labelled
 from .heads import LogRegHead, stratified_holdout
 
 # Thresholds (documented in the output so a user can judge them).
@@ -51,7 +51,7 @@ def probe(cache_dir: str, fingerprint: str | None = None, taps: list[str] | None
         base = base.subset(keep)
     counts = np.unique(base.y, return_counts=True)[1]
     small = len(base) < 2000
-    splits = kfold(base.y, min(5, int(counts.min())), seed) if small and counts.min() >= 2 else [test_split(base.y, 0.2, seed)]
+    splits = kfold(base.y, min(5, int(counts.min())), seed) if small and counts.min() >= 2 else [holdout_split(base.y, 0.2, seed)]
     rows = []
     for tap in taps:
         data = base if tap == base.tap else align(base, load_labelled(cache, fp, tap))

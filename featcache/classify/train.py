@@ -16,7 +16,7 @@ import numpy as np
 from ..errors import UsageError
 from ..store.cache import FeatureCache
 from .bundle import save_bundle
-from .data import Labelled, align, kfold, load_labelled, source_split, test_split
+from .data import Labelled, align, holdout_split, kfold, load_labelled, source_split
 from .heads import Head, make_head
 from .metrics import evaluate
 
@@ -120,7 +120,7 @@ def train(cfg: TrainConfig) -> tuple[dict, list[Evaluation]]:
         tr, te, info = source_split(base, cfg.test_source)
         split, split_info = (tr, te), {"mode": "test-source", **info}
     else:
-        split = test_split(base.y, cfg.test_split, cfg.seed)
+        split = holdout_split(base.y, cfg.test_split, cfg.seed)
         split_info = {"mode": "test-split", "fraction": cfg.test_split}
     if not cfg.cv:
         split_info.update({"train_rows": int(len(split[0])), "test_rows": int(len(split[1]))})
