@@ -252,12 +252,16 @@ class Backbone:
     stage_taps: dict[int, str]
     pre_logits: nn.Module
     classifier: nn.Module | None
+    dims: dict[str, int]
 
     @classmethod
     def load(cls, spec: BackboneSpec) -> Backbone:
         network, digest = load_network(spec)
         blocks, taps, pre, clf = decompose(spec, network)
-        return cls(spec, network, digest, blocks, taps, pre, clf)
+        size = spec.preprocess.crop
+        with torch.no_grad():
+            out = TapModel(blocks, taps, pre, ["final", *taps.values()]).eval()(torch.zeros(1, 3, size, size))
+        return cls(spec, network, digest, blocks, taps, pre, clf, {k: int(v.shape[1]) for k, v in out.items()})
 
     @property
     def tap_names(self) -> list[str]:
@@ -270,7 +274,4 @@ class Backbone:
         return TapModel(self.blocks, self.stage_taps, self.pre_logits, taps).eval()
 
     def tap_dims(self) -> dict[str, int]:
-        size = self.spec.preprocess.crop
-        with torch.no_grad():
-            out = self.tap_model(self.tap_names)(torch.zeros(1, 3, size, size))
-        return {k: int(v.shape[1]) for k, v in out.items()}
+        return dict(self.dims)

@@ -7,6 +7,7 @@ an image gets the same vector whichever path it takes (the fingerprint says how)
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import warnings
 
@@ -81,6 +82,8 @@ class Embedder:
             torch.backends.cudnn.allow_tf32 = False
         pre = self.spec.preprocess
         net = _Normalised(backbone.tap_model(self.taps), pre.mean, pre.std).eval()
+        if self.device.type != "cpu":
+            net = copy.deepcopy(net)  # the Backbone's own modules stay on the CPU for other users
         net = net.to(self.device, memory_format=torch.channels_last)
         self.module = net
         self._optimised = None
