@@ -221,3 +221,12 @@ def test_sigkill_then_resume_equals_uninterrupted(tux_csv, tmp_path, tux_cache):
     order = {s: i for i, s in enumerate(want.sha256)}
     idx = np.array([order[s] for s in got.sha256])
     np.testing.assert_allclose(got.vectors, want.vectors[idx], rtol=0, atol=1e-4)
+
+
+def test_process_decoding_gives_the_same_vectors(imagenet_dir, tmp_path, lite0_embedder):
+    """The GPU path decodes in worker processes; it must produce the same pixels as threads."""
+    run(imagenet_dir, tmp_path / "threads", lite0_embedder)
+    run(imagenet_dir, tmp_path / "procs", lite0_embedder, decode_processes=True, workers=2)
+    a, b = FeatureCache(tmp_path / "threads").read(), FeatureCache(tmp_path / "procs").read()
+    np.testing.assert_array_equal(a.sha256, b.sha256)
+    np.testing.assert_allclose(a.vectors, b.vectors, rtol=0, atol=1e-5)

@@ -8,10 +8,12 @@ the next batches overlaps the forward pass of the current one.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import multiprocessing
 import time
 from collections import Counter
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,6 +46,7 @@ class ExtractConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     commit_every: int = 512
     progress: bool = True
+    decode_processes: bool | None = None  # None: processes on GPU (the forward pass needs the GIL), threads on CPU
 
 
 @dataclass
@@ -76,17 +79,57 @@ def _hash_file(path: Path) -> tuple[str | None, str]:
         return None, f"unreadable file: {e.strerror or e}"
 
 
-def _decode(path: Path, pre, max_pixels: int) -> torch.Tensor | str:
+def _decoder_init() -> None:
+    torch.set_num_threads(1)
+
+
+def _decode(path: Path, pre, max_pixels: int) -> np.ndarray | str:
+    """uint8 (3, crop, crop) pixels, or the reason this file fails (plain types: they cross processes)."""
     try:
         data = path.read_bytes()
     except OSError as e:
         return f"unreadable file: {e.strerror or e}"
     try:
-        return load_image(data, pre, max_pixels)
+        return load_image(data, pre, max_pixels).numpy()
     except FeatcacheError as e:
         return str(e)
     except Exception as e:  # noqa: BLE001 - a hostile file must not stop the job
         return f"decoder error: {type(e).__name__}: {e}"
+
+
+def _register(cache: FeatureCache, items: list[Item], hashes: list[tuple[str | None, str]]):
+    """Add new contents to the image table and refresh key/path/label of known ones.
+
+    Returns ([(image row, path)] of this source's distinct images, duplicate count, unreadable files).
+    """
+    unreadable = [{"key": it.key, "error": err} for it, (sha, err) in zip(items, hashes) if sha is None]
+    table = cache.images()
+    row_of = {s: i for i, s in enumerate(table.sha256)}
+    new: list[tuple[str, str, str, str]] = []
+    updates: list[tuple[int, str, str, str]] = []
+    source_rows: list[tuple[int, Path]] = []
+    duplicates = 0
+    seen: set[str] = set()
+    for it, (sha, _) in zip(items, hashes):
+        if sha is None:
+            continue
+        if sha in seen:
+            duplicates += 1
+            continue
+        seen.add(sha)
+        path = str(it.path.resolve())
+        if sha not in row_of:
+            row_of[sha] = len(table) + len(new)
+            new.append((sha, it.key, path, it.label))
+        elif (table.key[row_of[sha]], table.path[row_of[sha]], table.label[row_of[sha]]) != (it.key, path, it.label):
+            updates.append((row_of[sha], it.key, path, it.label))
+        source_rows.append((row_of[sha], it.path))
+    if updates:
+        rows, keys, paths, labels = zip(*updates)
+        cache.update_images(np.asarray(rows, dtype=np.int64), list(keys), list(paths), list(labels))
+    if new:
+        cache.append_images(*(list(col) for col in zip(*new)))
+    return source_rows, duplicates, unreadable
 
 
 class Extraction:
@@ -107,8 +150,9 @@ class Extraction:
     def run(self) -> dict:
         t0 = time.perf_counter()
         items, skipped = list_source(self.cfg.source, self.cfg.labels)
-        with writer_lock(self.cfg.cache), ThreadPoolExecutor(self.workers, thread_name_prefix="featcache") as pool:
-            self.pool = pool
+        with writer_lock(self.cfg.cache), ThreadPoolExecutor(self.workers, thread_name_prefix="featcache") as pool, \
+                self._decoder_pool() as decoders:
+            self.pool, self.decoders = pool, decoders or pool
             summary = self._run(FeatureCache(self.cfg.cache, create=True), items)
         summary["skipped_non_image_suffix"] = skipped
         summary["seconds"] = round(time.perf_counter() - t0, 3)
@@ -116,38 +160,21 @@ class Extraction:
         summary["images_per_second"] = round(summary["extracted"] / max(summary["timings"].get("extract", 0), 1e-9), 2)
         return summary
 
+    def _decoder_pool(self):
+        """Decoding in worker processes keeps the GIL free for the GPU's kernel launches."""
+        use = self.gpu if self.cfg.decode_processes is None else self.cfg.decode_processes
+        if not use:
+            return contextlib.nullcontext()
+        ctx = multiprocessing.get_context("spawn")  # never fork a process that holds CUDA state
+        return ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_decoder_init)
+
     def _run(self, cache: FeatureCache, items: list[Item]) -> dict:
         t = time.perf_counter()
         torch.set_num_threads(1)
         hashes = list(self.pool.map(lambda it: _hash_file(it.path), items))
         self.timings["hash"] += time.perf_counter() - t
 
-        unreadable = [{"key": it.key, "error": err} for it, (sha, err) in zip(items, hashes) if sha is None]
-        table = cache.images()
-        row_of = {s: i for i, s in enumerate(table.sha256)}
-        new_sha, new_keys, new_paths, new_labels = [], [], [], []
-        upd_rows, upd_keys, upd_paths, upd_labels = [], [], [], []
-        source_rows: list[tuple[int, Path]] = []
-        seen: set[str] = set()
-        duplicates = 0
-        for it, (sha, _) in zip(items, hashes):
-            if sha is None:
-                continue
-            if sha in seen:
-                duplicates += 1
-                continue
-            seen.add(sha)
-            path = str(it.path.resolve())
-            if sha in row_of:
-                r = row_of[sha]
-                if (table.key[r], table.path[r], table.label[r]) != (it.key, path, it.label):
-                    upd_rows.append(r), upd_keys.append(it.key), upd_paths.append(path), upd_labels.append(it.label)
-            else:
-                row_of[sha] = len(table) + len(new_sha)
-                new_sha.append(sha), new_keys.append(it.key), new_paths.append(path), new_labels.append(it.label)
-            source_rows.append((row_of[sha], it.path))
-        cache.update_images(np.asarray(upd_rows, dtype=np.int64), upd_keys, upd_paths, upd_labels)
-        cache.append_images(new_sha, new_keys, new_paths, new_labels)
+        source_rows, duplicates, unreadable = _register(cache, items, hashes)
 
         tap_dims = {k: v for k, v in self.emb.backbone.tap_dims().items() if k in self.emb.taps}
         group = cache.feature_group(self.emb.fingerprint, self.emb.canon, self.emb.spec.describe(), tap_dims)
@@ -196,7 +223,7 @@ class Extraction:
     # -- the hot loop ------------------------------------------------------------
     def _submit(self, batch: list[_Work]) -> list[Future]:
         pre, mp = self.emb.spec.preprocess, self.cfg.max_pixels
-        return [self.pool.submit(_decode, w.path, pre, mp) if not w.failed_before else None for w in batch]
+        return [self.decoders.submit(_decode, w.path, pre, mp) if not w.failed_before else None for w in batch]
 
     def _process(self, group: FeatureGroup, work: list[_Work], prog: Progress, failures: Counter,
                  failed_items: list[dict], catch_up: bool) -> None:
@@ -213,11 +240,11 @@ class Extraction:
             decoded = [f.result() if f is not None else "failed before" for f in pending.pop(0)]
             self.timings["decode"] += time.perf_counter() - t
 
-            ok = [j for j, d in enumerate(decoded) if isinstance(d, torch.Tensor)]
+            ok = [j for j, d in enumerate(decoded) if isinstance(d, np.ndarray)]
             t = time.perf_counter()
             if not self.gpu:
                 torch.set_num_threads(self.emb.threads)  # model phase: all cores
-            out = self.emb.embed(torch.stack([decoded[j] for j in ok])) if ok else {}
+            out = self.emb.embed(torch.from_numpy(np.stack([decoded[j] for j in ok]))) if ok else {}
             self.timings["model"] += time.perf_counter() - t
 
             for tap, dim in ((k, group.taps[k]) for k in group.taps):
@@ -226,7 +253,7 @@ class Extraction:
                     full[ok] = out[tap]
                 buf.taps.setdefault(tap, []).append(full)
             for w, d in zip(batch, decoded):
-                failed = not isinstance(d, torch.Tensor)
+                failed = not isinstance(d, np.ndarray)
                 buf.image.append(w.image_row)
                 buf.status.append(STATUS_FAILED if failed else STATUS_OK)
                 buf.error.append(d if failed and not w.failed_before else "")
