@@ -230,3 +230,16 @@ def test_process_decoding_gives_the_same_vectors(imagenet_dir, tmp_path, lite0_e
     a, b = FeatureCache(tmp_path / "threads").read(), FeatureCache(tmp_path / "procs").read()
     np.testing.assert_array_equal(a.sha256, b.sha256)
     np.testing.assert_allclose(a.vectors, b.vectors, rtol=0, atol=1e-5)
+
+
+def test_tap_catch_up_marks_images_that_vanished(imagenet_dir, tmp_path, lite0, lite0_embedder):
+    src = tmp_path / "src"
+    shutil.copytree(imagenet_dir, src)
+    run(src, tmp_path / "c", lite0_embedder)
+    gone = sorted(src.rglob("*.jpg"))[0]
+    gone.unlink()
+    summary = run(src, tmp_path / "c", Embedder(lite0, ["final", "stage2"], "cpu"))
+    assert summary["failed"] == 1 and "unreadable" in summary["failures"][0]["error"]
+    c = FeatureCache(tmp_path / "c")
+    assert len(c.read(tap="stage2")) == 19 and len(c.read(tap="final")) == 19
+    assert np.isfinite(c.read(tap="stage2").vectors).all()

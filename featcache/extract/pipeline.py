@@ -269,6 +269,9 @@ class Extraction:
         end = buf.start + len(buf)
         if not catch_up:
             group.write_rows(buf.start, np.asarray(buf.image, np.int64), np.asarray(buf.status, np.int8), buf.error)
+        else:  # rows exist already; only images that stopped decoding change status
+            newly = [(buf.start + i, e) for i, e in enumerate(buf.error) if e]
+            group.mark_failed([r for r, _ in newly], [e for _, e in newly])
         tap_rows = {}
         for tap, parts in buf.taps.items():
             first = max(buf.start, group.tap_rows[tap]) if catch_up else buf.start

@@ -233,6 +233,12 @@ class FeatureGroup:
             _ensure_capacity(arr, end, _ROWS_1D)
             arr[start:end] = values
 
+    def mark_failed(self, rows: list[int], errors: list[str]) -> None:
+        """Mark committed rows as failed (an image that no longer decodes while a new tap catches up)."""
+        if rows:
+            self.g["status"].set_coordinate_selection(np.asarray(rows), np.full(len(rows), STATUS_FAILED, np.int8))
+            self.g["error"].set_coordinate_selection(np.asarray(rows), strings(errors))
+
     def write_tap(self, tap: str, start: int, vectors: np.ndarray) -> None:
         arr = self.g["taps"][tap]
         _ensure_capacity(arr, start + len(vectors), arr.chunks[0])
