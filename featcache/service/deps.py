@@ -41,10 +41,10 @@ def require_api_key(key: str | None = Security(api_key_header), state: ServiceSt
         raise Unauthorized("missing or wrong API key: send it in the X-API-Key header")
 
 
-def require_multipart(request: Request) -> None:
-    """415 for a body that is not multipart/form-data (uploads and form fields travel that way)."""
+def require_form(request: Request) -> None:
+    """415 for a body that is not a form (multipart/form-data for uploads; urlencoded for fields only)."""
     ctype = request.headers.get("content-type", "")
-    if not ctype.lower().startswith("multipart/form-data"):
+    if not ctype.lower().startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
         raise UnsupportedMedia(f"send multipart/form-data (a file field 'image' and form fields), not {ctype or 'no content type'!r}")
 
 

@@ -14,7 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..classify.bundle import HeadBundle, load_bundle
-from ..errors import FingerprintMismatch, NotFoundError
+from ..errors import FeatcacheError, FingerprintMismatch, NotFoundError
+
+
+class HeadLoadError(FeatcacheError):
+    """A head bundle on disk could not be read; the head already loaded keeps serving."""
+
+    http_status = 409
 
 
 @dataclass(frozen=True)
@@ -42,7 +48,13 @@ class HeadRegistry:
         self._lock = asyncio.Lock()
 
     def _load(self, name: str, path: Path, reloads: int) -> LoadedHead:
-        bundle = load_bundle(path)
+        try:
+            bundle = load_bundle(path)
+        except FeatcacheError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a half-written or corrupt bundle
+            raise HeadLoadError(f"head {name!r}: the bundle could not be read ({type(e).__name__}: {e}); "
+                                "the previously loaded head is still serving") from None
         bundle.check(self.fingerprint, "serving backbone's vectors")
         if bundle.tap not in self.taps:
             raise FingerprintMismatch(f"head {name!r} reads tap {bundle.tap!r}, but this server embeds {sorted(self.taps)}; "

@@ -37,8 +37,8 @@ class ServiceState:
     def __init__(self, config: ServiceConfig, metrics: Metrics):
         self.config = config
         self.metrics = metrics
+        fp = preflight(config)  # cheap manifest checks first: no model is loaded for a foreign head or index
         cache = FeatureCache(config.cache)
-        fp = cache.resolve_fingerprint(config.fingerprint)
         attrs = cache.group_attrs(fp)
         from ..classify.bundle import load_bundle  # tap needs of heads, read before the embedder is built
 

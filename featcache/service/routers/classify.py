@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from fastapi import APIRouter, Depends, File, Form, Path, UploadFile
 
-from ..deps import get_state, require_multipart
+from ..deps import get_state, require_form
 from ..embedding import embed_upload
 from ..models import ClassifyResponse, LabelScore, ReloadResponse
 from ..state import ServiceState
@@ -13,7 +13,7 @@ from ..state import ServiceState
 router = APIRouter(prefix="/v1", tags=["classify"])
 
 
-@router.post("/classify", response_model=ClassifyResponse, dependencies=[Depends(require_multipart)])
+@router.post("/classify", response_model=ClassifyResponse, dependencies=[Depends(require_form)])
 async def classify(image: UploadFile = File(description="the image file"),
                    head: str | None = Form(None, max_length=128, description="head name (optional with one head)"),
                    top_k: int = Form(5, ge=1, le=100, description="how many labels to return"),

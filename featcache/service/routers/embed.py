@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, File, Form, UploadFile
 
 from ...errors import UsageError
-from ..deps import get_state, require_multipart
+from ..deps import get_state, require_form
 from ..embedding import embed_upload
 from ..models import EmbedResponse
 from ..state import ServiceState
@@ -13,7 +13,7 @@ from ..state import ServiceState
 router = APIRouter(prefix="/v1", tags=["embed"])
 
 
-@router.post("/embed", response_model=EmbedResponse, dependencies=[Depends(require_multipart)])
+@router.post("/embed", response_model=EmbedResponse, dependencies=[Depends(require_form)])
 async def embed(image: UploadFile = File(description="the image file"),
                 tap: str = Form("final", max_length=32, description="which tap to return"),
                 state: ServiceState = Depends(get_state)) -> EmbedResponse:

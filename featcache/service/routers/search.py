@@ -7,7 +7,7 @@ import asyncio
 from fastapi import APIRouter, Depends, File, Form, UploadFile
 
 from ...errors import NotFoundError, UsageError
-from ..deps import get_state, require_multipart
+from ..deps import get_state, require_form
 from ..embedding import embed_upload
 from ..models import SearchHit, SearchResponse
 from ..state import K_MAX, ServiceState
@@ -15,7 +15,7 @@ from ..state import K_MAX, ServiceState
 router = APIRouter(prefix="/v1", tags=["search"])
 
 
-@router.post("/search", response_model=SearchResponse, dependencies=[Depends(require_multipart)])
+@router.post("/search", response_model=SearchResponse, dependencies=[Depends(require_form)])
 async def search(image: UploadFile | None = File(None, description="an image file (or give key)"),
                  key: str | None = Form(None, max_length=4096, description="an indexed image key (or give image)"),
                  k: int = Form(10, ge=1, le=K_MAX, description="how many neighbours"),

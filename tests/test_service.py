@@ -1,0 +1,332 @@
+"""The HTTP service, run for real: uvicorn on a free loopback port, httpx clients, real images and heads."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import socket
+import struct
+import threading
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import uvicorn
+from PIL import Image
+
+from featcache.classify.bundle import save_bundle
+from featcache.classify.heads import make_head
+from featcache.cli import main
+from featcache.errors import FingerprintMismatch
+from featcache.service.app import create_app
+from featcache.service.config import ServiceConfig
+from featcache.service.metrics import Metrics
+from featcache.service.state import ServiceState, preflight
+from featcache.store.cache import FeatureCache
+from featcache.store.index import VectorIndex, build_from_cache
+
+KEY = "test-key-0123456789"
+MAX_UPLOAD = 2 * 1024 * 1024
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    """uvicorn serving an app on 127.0.0.1 in a background thread."""
+
+    def __init__(self, app):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            if not self.thread.is_alive():
+                raise RuntimeError("server thread died during start-up")
+            time.sleep(0.2)
+        raise TimeoutError("server did not become ready")
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+def _save_head(cache: Path, out: Path, kind: str = "knn", **params) -> Path:
+    c = FeatureCache(cache)
+    fp = c.resolve_fingerprint()
+    attrs = c.group_attrs(fp)
+    f = c.read(fp)
+    head = make_head(kind, **params).fit(f.vectors, f.labels.tolist())
+    return save_bundle(out, head, fingerprint=fp, canon=attrs["fingerprint"], backbone=attrs["backbone"], tap="final")
+
+
+@pytest.fixture(scope="module")
+def files(imagenet_dir) -> list[Path]:
+    return sorted(Path(imagenet_dir).rglob("*.jpg"))
+
+
+@pytest.fixture(scope="module")
+def served(imagenet_cache, tmp_path_factory):
+    root = tmp_path_factory.mktemp("served")
+    heads = {"nn1": _save_head(imagenet_cache, root / "nn1", n_neighbors=1),
+             "nn3": _save_head(imagenet_cache, root / "nn3", n_neighbors=3)}
+    build_from_cache(imagenet_cache, root / "index")
+    cfg = ServiceConfig(cache=str(imagenet_cache), heads={k: str(v) for k, v in heads.items()}, index=str(root / "index"),
+                        api_key=KEY, device="cpu", max_upload_bytes=MAX_UPLOAD, max_batch=8, max_wait_ms=5)
+    with LiveServer(create_app(cfg)) as srv:
+        yield srv, cfg, root
+
+
+@pytest.fixture
+def client(served):
+    with httpx.Client(base_url=served[0].url, headers={"X-API-Key": KEY}, timeout=60) as c:
+        yield c
+
+
+def _post_image(client: httpx.Client, path: str, data: bytes, ctype: str = "image/jpeg", **form) -> httpx.Response:
+    return client.post(path, files={"image": ("upload", data, ctype)}, data={k: str(v) for k, v in form.items()})
+
+
+def test_health_info_docs_metrics(client, imagenet_cache):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/readyz").status_code == 200
+    assert client.get("/docs").status_code == 200
+    spec = client.get("/openapi.json").json()
+    assert {"/v1/embed", "/v1/classify", "/v1/search", "/v1/info", "/v1/heads/{name}/reload"} <= set(spec["paths"])
+    info = client.get("/v1/info").json()
+    fp = FeatureCache(imagenet_cache).resolve_fingerprint()
+    assert info["fingerprint"] == fp and info["backbone"] == "efficientnet_lite0"
+    assert [h["name"] for h in info["heads"]] == ["nn1", "nn3"]
+    assert info["index"]["count"] == 20 and info["index"]["kind"] == "flat"
+    assert info["batching"]["enabled"] is True
+    text = client.get("/metrics").text
+    assert "featcache_stage_seconds" in text and "featcache_requests_total" in text
+
+
+def test_api_key_required_constant_time(served):
+    url = served[0].url
+    assert httpx.get(url + "/v1/info").status_code == 401
+    assert httpx.get(url + "/v1/info", headers={"X-API-Key": "wrong"}).status_code == 401
+    r = httpx.post(url + "/v1/search", data={"key": "x"})
+    assert r.status_code == 401 and r.json()["error"] == "Unauthorized"
+    assert httpx.get(url + "/healthz").status_code == 200
+    assert httpx.get(url + "/v1/info", headers={"X-API-Key": KEY}).status_code == 200
+
+
+def test_parity_with_the_batch_extractor(client, imagenet_cache, files):
+    """The service embeds each real image as the extractor did for the cache: cosine >= 0.9999."""
+    feats = FeatureCache(imagenet_cache).read()
+    by_sha = {s: v for s, v in zip(feats.sha256.tolist(), feats.vectors, strict=True)}
+    cosines = []
+    for path in files:
+        data = path.read_bytes()
+        r = _post_image(client, "/v1/embed", data)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["fingerprint"] == feats.fingerprint and body["dim"] == 1280
+        v, want = np.array(body["vector"], np.float32), by_sha[hashlib.sha256(data).hexdigest()]
+        cosines.append(float(v @ want / np.linalg.norm(v) / np.linalg.norm(want)))
+    assert min(cosines) >= 0.9999, min(cosines)
+
+
+def test_classify_and_search(client, files, imagenet_dir, served):
+    img = files[5]
+    label = img.parent.name
+    r = _post_image(client, "/v1/classify", img.read_bytes(), head="nn1", top_k=3)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["head"] == "nn1" and body["label"] == label and len(body["top"]) == 3
+    assert {"decode", "model", "head"} <= set(body["timings_ms"])
+
+    r = _post_image(client, "/v1/search", img.read_bytes(), k=3)
+    hits = r.json()["hits"]
+    key = img.relative_to(imagenet_dir).as_posix()
+    assert hits[0]["key"] == key and hits[0]["score"] > 0.9999
+
+    r = client.post("/v1/search", data={"key": key, "k": "4"})
+    assert r.status_code == 200, r.text
+    want = VectorIndex.load(served[2] / "index").search_key(key, 4)
+    assert [h["key"] for h in r.json()["hits"]] == [h.key for h in want]
+    assert key not in [h["key"] for h in r.json()["hits"]]
+
+
+def _photo_png(path: Path) -> bytes:
+    buf = io.BytesIO()
+    Image.open(path).convert("RGB").resize((64, 48)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _bomb(png: bytes, width: int = 50_000, height: int = 50_000) -> bytes:
+    """A real PNG whose IHDR is rewritten (CRC fixed) to claim width x height: a decompression bomb."""
+    ihdr = bytearray(png[12:29])  # b"IHDR" + 13 bytes of data
+    ihdr[4:12] = struct.pack(">II", width, height)
+    return png[:12] + bytes(ihdr) + struct.pack(">I", zlib.crc32(bytes(ihdr)) & 0xFFFFFFFF) + png[33:]
+
+
+def test_bad_input_is_a_clear_4xx_and_the_server_keeps_serving(client, files):
+    jpeg = files[1].read_bytes()
+    png = _photo_png(files[2])
+    cases = {
+        "truncated jpeg": (jpeg[: len(jpeg) // 3], "image/jpeg", 422),
+        "empty file": (b"", "image/jpeg", 422),
+        "text file": (b"not an image at all\n" * 20, "image/png", 415),
+        "random bytes": (np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes(), "image/png", 415),
+        "decompression bomb": (_bomb(png), "image/png", 413),
+        "header only png": (png[:40], "image/png", (415, 422)),
+        "wrong part content type": (jpeg, "text/plain", 415),
+    }
+    for name, (data, ctype, status) in cases.items():
+        for path in ("/v1/embed", "/v1/classify", "/v1/search"):
+            r = _post_image(client, path, data, ctype, **({"head": "nn1"} if path == "/v1/classify" else {}))
+            assert r.status_code in (status if isinstance(status, tuple) else (status,)), (name, path, r.status_code, r.text)
+            assert r.json()["message"], name
+    assert client.post("/v1/embed", json={"image": "x"}).status_code == 415  # not multipart
+    assert client.post("/v1/embed", content=b"\x00" * 10, headers={"content-type": "image/jpeg"}).status_code == 415
+    big = np.random.default_rng(1).integers(0, 256, MAX_UPLOAD + 200_000, dtype=np.uint8).tobytes()
+    assert _post_image(client, "/v1/embed", big).status_code == 413
+
+    def chunks():  # no Content-Length: the limit applies while streaming
+        boundary = b"--b0undary\r\nContent-Disposition: form-data; name=\"image\"; filename=\"x\"\r\n" \
+                   b"Content-Type: image/jpeg\r\n\r\n"
+        yield boundary
+        for _ in range(40):
+            yield b"\xff" * 65536
+        yield b"\r\n--b0undary--\r\n"
+
+    r = client.post("/v1/embed", content=chunks(), headers={"content-type": "multipart/form-data; boundary=b0undary"})
+    assert r.status_code == 413, r.text
+    for k in ("0", "101", "ten"):
+        assert client.post("/v1/search", data={"key": "x", "k": k}).status_code == 422
+    assert _post_image(client, "/v1/classify", jpeg, head="missing").status_code == 404
+    assert client.post("/v1/search", data={"key": "no/such.jpg"}).status_code == 404
+    assert _post_image(client, "/v1/search", jpeg, key="x").status_code == 400  # both image and key
+    assert client.post("/v1/search", data={"k": "3"}).status_code == 400  # neither
+    assert client.post("/v1/heads/nope/reload").status_code == 404
+    # still serving
+    assert _post_image(client, "/v1/classify", jpeg, head="nn1").status_code == 200
+    assert client.get("/healthz").status_code == 200
+
+
+def test_reload_under_concurrent_load_fails_no_request(client, served, imagenet_cache, files):
+    srv, cfg, root = served
+    images = [p.read_bytes() for p in files[:8]]
+    stop = threading.Event()
+    statuses: list[int] = []
+
+    def hammer(i: int) -> None:
+        with httpx.Client(base_url=srv.url, headers={"X-API-Key": KEY}, timeout=60) as c:
+            while not stop.is_set():
+                r = _post_image(c, "/v1/classify", images[i % len(images)], head="nn3")
+                statuses.append(r.status_code)
+
+    with ThreadPoolExecutor(6) as pool:
+        futs = [pool.submit(hammer, i) for i in range(6)]
+        time.sleep(0.5)
+        for n_neighbors in (5, 2, 3):  # retrain the head in place, then reload it while requests run
+            _save_head(imagenet_cache, Path(cfg.heads["nn3"]), n_neighbors=n_neighbors)
+            r = client.post("/v1/heads/nn3/reload")
+            assert r.status_code == 200, r.text
+            time.sleep(0.3)
+        stop.set()
+        for f in futs:
+            f.result()
+    assert len(statuses) >= 12 and set(statuses) == {200}, statuses
+    info = client.get("/v1/info").json()
+    nn3 = next(h for h in info["heads"] if h["name"] == "nn3")
+    assert nn3["reloads"] == 3
+    # a broken bundle is refused; the old head keeps serving
+    (Path(cfg.heads["nn1"]) / "manifest.json").write_text("{not json")
+    try:
+        r = client.post("/v1/heads/nn1/reload")
+        assert r.status_code == 409 and "still serving" in r.json()["message"]
+        assert _post_image(client, "/v1/classify", images[0], head="nn1").status_code == 200
+    finally:
+        _save_head(imagenet_cache, Path(cfg.heads["nn1"]), n_neighbors=1)
+    metrics = client.get("/metrics").text
+    assert 'featcache_head_reloads_total{head="nn3",result="ok"} 3.0' in metrics
+
+
+def test_concurrent_requests_share_forward_passes(client, served, files):
+    images = [p.read_bytes() for p in files[:8]]
+
+    def one(i: int) -> int:
+        return _post_image(client, "/v1/embed", images[i]).status_code
+
+    with ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(one, range(8))) == [200] * 8
+    text = client.get("/metrics").text
+    count = float(next(ln.split()[-1] for ln in text.splitlines() if ln.startswith("featcache_batch_size_count")))
+    total = float(next(ln.split()[-1] for ln in text.splitlines() if ln.startswith("featcache_batch_size_sum")))
+    assert total / count > 1.0  # some forward passes carried several requests
+    for stage in ("decode", "model", "head", "search"):
+        assert f'featcache_stage_seconds_count{{stage="{stage}"}}' in text
+
+
+def test_refuses_heads_and_indexes_of_another_fingerprint(imagenet_cache, tmp_path, capsys):
+    c = FeatureCache(imagenet_cache)
+    fp = c.resolve_fingerprint()
+    attrs = c.group_attrs(fp)
+    f = c.read(fp)
+    head = make_head("knn", n_neighbors=1).fit(f.vectors, f.labels.tolist())
+    foreign = "f" * 20
+    save_bundle(tmp_path / "head", head, fingerprint=foreign, canon={**attrs["fingerprint"], "precision": "bf16"},
+                backbone=attrs["backbone"], tap="final")
+    cfg = ServiceConfig(cache=str(imagenet_cache), heads={"h": str(tmp_path / "head")}, device="cpu")
+    with pytest.raises(FingerprintMismatch):
+        preflight(cfg)
+    with pytest.raises(FingerprintMismatch):
+        ServiceState(cfg, Metrics())
+    assert main(["serve", "--cache", str(imagenet_cache), "--head", f"h={tmp_path / 'head'}", "--port", "1"]) == 5
+
+    vi = VectorIndex.build(f.vectors, np.arange(len(f)), f.keys, f.sha256, fingerprint=foreign, canon={},
+                           backbone={"name": "other"}, tap="final")
+    vi.save(tmp_path / "index")
+    with pytest.raises(FingerprintMismatch):
+        preflight(ServiceConfig(cache=str(imagenet_cache), index=str(tmp_path / "index")))
+    capsys.readouterr()
+
+
+def test_openapi_fuzz_finds_no_server_error(served):
+    """Schema-driven fuzzing of every operation (schemathesis, bounded): never a 5xx."""
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+
+    srv = served[0]
+    schema = schemathesis.openapi.from_url(srv.url + "/openapi.json")
+    failures = []
+    labels = []
+
+    def fuzz(op) -> None:
+        @settings(max_examples=6, deadline=None, database=None, derandomize=True,
+                  suppress_health_check=list(HealthCheck))
+        @given(case=op.as_strategy())
+        def run(case):
+            r = case.call(base_url=srv.url, headers={"X-API-Key": KEY}, timeout=60)
+            if r.status_code >= 500:
+                failures.append((op.label, r.status_code, r.text[:200]))
+
+        run()
+
+    for result in schema.get_all_operations():
+        op = result.ok()
+        labels.append(op.label)
+        fuzz(op)
+    assert len(labels) >= 8 and "POST /v1/embed" in labels, labels
+    assert not failures, failures
+    assert httpx.get(srv.url + "/healthz").status_code == 200
