@@ -13,6 +13,7 @@ from ..models import SearchHit, SearchResponse
 from ..state import K_MAX, ServiceState
 
 router = APIRouter(prefix="/v1", tags=["search"])
+INLINE_EXACT_MAX = 5_000  # exact search over more vectors than this runs in a worker thread
 
 
 @router.post("/search", response_model=SearchResponse, dependencies=[Depends(require_form)])
@@ -27,13 +28,19 @@ async def search(image: UploadFile | None = File(None, description="an image fil
     if (image is None) == (key is None):
         raise UsageError("give exactly one of: an image file, or a key")
     timings: dict[str, float] = {}
+    # approximate searches take well under a millisecond: a thread hop would cost more than it saves
+    inline = index.kind != "flat" or len(index) <= INLINE_EXACT_MAX
+
+    async def run(fn, *args):
+        return fn(*args) if inline else await asyncio.to_thread(fn, *args)
+
     if image is not None:
         out = await embed_upload(state, image, timings)
         vec = out[index.manifest["tap"]]
         with state.metrics.time("search", timings):
-            hits = (await asyncio.to_thread(index.search, vec[None], k))[0]
+            hits = (await run(index.search, vec[None], k))[0]
     else:
         with state.metrics.time("search", timings):
-            hits = await asyncio.to_thread(index.search_key, key, k)
+            hits = await run(index.search_key, key, k)
     return SearchResponse(query_key=key, k=k, timings_ms=timings,
                           hits=[SearchHit(key=h.key, sha256=h.sha256, score=h.score) for h in hits])

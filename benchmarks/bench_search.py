@@ -1,0 +1,281 @@
+"""Search benchmark on 100,000 real Fashion-MNIST vectors: exact vs approximate, and through the service.
+
+Vectors (EfficientNet-Lite0 ``final`` tap, 1280-d, fingerprint d95b46f534bdda5179bd):
+the 70,000 Fashion-MNIST images (60k train + 10k test) plus 30,000 horizontal mirrors of
+train images 0..29,999, embedded by ``benchmarks/gpu_mirror_vectors.py`` through
+featcache's own decode + Embedder path (fp32, TF32 off; stored as float16 for transfer).
+
+    python benchmarks/bench_search.py --vectors /work/data/fmnist-gpu-vectors \
+        --cache /work/data/fmnist-cache --index bench-data/fmnist100k-index
+
+Writes benchmarks/results/search.json and the "Search and service (issue 4)" section of
+BENCHMARKS.md. The service part starts ``featcache serve`` on 127.0.0.1 (a free port),
+sends bounded sequential search-by-key requests, and stops it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import platform
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import faiss
+import httpx
+import numpy as np
+from PIL import Image
+
+from featcache.datasets import FASHION_CLASSES, fashion_mnist
+from featcache.runtime import available_cpus
+from featcache.store.cache import FeatureCache
+from featcache.store.index import IndexParams, VectorIndex, normalise
+
+ROOT = Path(__file__).resolve().parent.parent
+SECTION = "## Search and service (issue 4)"
+
+
+def _png_sha(img: np.ndarray) -> str:
+    buf = io.BytesIO()
+    Image.fromarray(img, "L").save(buf, format="PNG")
+    return hashlib.sha256(buf.getvalue()).hexdigest()
+
+
+def load_vectors(folder: Path) -> tuple[np.ndarray, list[str], list[str], dict]:
+    """100k vectors with keys (as the extractor names them) and sha256 of the PNG bytes."""
+    def part(prefix: str) -> np.ndarray:
+        files = sorted(folder.glob(f"{prefix}_*.npy"), key=lambda p: int(p.stem.split("_")[1]))
+        return np.concatenate([np.load(f).astype(np.float32) for f in files])
+
+    vecs, keys, shas = [], [], []
+    for split, prefix in (("train", "train"), ("test", "test")):
+        images, labels = fashion_mnist(split)
+        v = part(prefix)
+        assert len(v) == len(images), (split, len(v))
+        vecs.append(v)
+        keys += [f"{split}/{FASHION_CLASSES[y]}/{split}-{i:05d}.png" for i, y in enumerate(labels)]
+        shas += [_png_sha(im) for im in images]
+    images, labels = fashion_mnist("train")
+    m = part("mirror")
+    vecs.append(m)
+    keys += [f"mirror/{FASHION_CLASSES[labels[i]]}/train-{i:05d}-mirror.png" for i in range(len(m))]
+    shas += [_png_sha(np.ascontiguousarray(images[i, :, ::-1])) for i in range(len(m))]
+    info = {"train": 60000, "test": 10000, "mirrored_train": len(m)}
+    return np.concatenate(vecs), keys, shas, info
+
+
+def pct(xs: list[float], q: float) -> float:
+    return round(float(np.percentile(xs, q)) * 1000, 3)
+
+
+def single_query_latency(search, queries: np.ndarray) -> list[float]:
+    out = []
+    for q in queries:
+        t = time.perf_counter()
+        search(q[None])
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def bench_index(x: np.ndarray, keys, shas, fp: str, attrs: dict, out: Path, rebuild: bool, n_queries: int) -> dict:
+    if rebuild or not (out / "manifest.json").is_file():
+        faiss.omp_set_num_threads(available_cpus())
+        vi = VectorIndex.build(x, np.arange(len(x)), keys, shas, fingerprint=fp, canon=attrs["fingerprint"],
+                               backbone=attrs["backbone"], tap="final",
+                               params=IndexParams(kind="auto", target_recall=0.99, eval_queries=1000),
+                               source={"vectors": "Fashion-MNIST 70k + 30k mirrored train images (GPU-embedded)"})
+        vi.save(out)
+    vi = VectorIndex.load(out)
+    faiss.omp_set_num_threads(1)
+    xn = normalise(x)
+    rng = np.random.default_rng(123)
+    qi = rng.choice(len(xn), n_queries, replace=False)
+    q = xn[qi]
+    flat = faiss.IndexFlatIP(xn.shape[1])
+    flat.add(xn)
+    flat70 = faiss.IndexFlatIP(xn.shape[1])
+    flat70.add(xn[:70000])
+    exact_lat = single_query_latency(lambda v: flat.search(v, 11), q[:100])
+    exact70_lat = single_query_latency(lambda v: flat70.search(v, 11), q[:100])
+    approx_lat = single_query_latency(lambda v: vi.index.search(v, 11), q)
+    # recall@10 of the index vs exact, each query's own vector excluded from both lists
+    faiss.omp_set_num_threads(available_cpus())
+    _, exact = flat.search(q, 11)
+    _, found = vi.index.search(q, 11)
+    hits = 0
+    for e, f, s in zip(exact, found, qi, strict=True):
+        hits += len(set([i for i in e if i != s][:10]) & set([i for i in f if i != s][:10]))
+    m = vi.manifest
+    return {
+        "kind": m["kind"], "params": m["params"], "count": len(vi), "dim": m["dim"],
+        "build_seconds": m["build_seconds"], "memory_bytes": m["memory_bytes"],
+        "recall_at_10_manifest": m["recall_at_10"], "recall_note": m["recall_note"], "tuning": m.get("tuning"),
+        "recall_at_10_bench": round(hits / (10 * len(qi)), 4), "bench_queries": int(len(qi)),
+        "approx_single_query_ms": {"p50": pct(approx_lat, 50), "p90": pct(approx_lat, 90), "p99": pct(approx_lat, 99)},
+        "exact_single_query_ms_100k": {"p50": pct(exact_lat, 50), "p90": pct(exact_lat, 90)},
+        "exact_single_query_ms_70k": {"p50": pct(exact70_lat, 50), "p90": pct(exact70_lat, 90)},
+        "threads": 1,
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def bench_service(cache: str, index: Path, keys: list[str], n: int, time_limit: float) -> dict:
+    port = _free_port()
+    cmd = [sys.executable, "-m", "featcache.cli", "serve", "--cache", cache, "--index", str(index),
+           "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        t0 = time.time()
+        while True:
+            try:
+                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if proc.poll() is not None or time.time() - t0 > 300:
+                raise RuntimeError("server failed to start: " + proc.stderr.read().decode()[-2000:])
+            time.sleep(0.5)
+        start_s = time.time() - t0
+        rng = np.random.default_rng(7)
+        picks = [keys[i] for i in rng.choice(len(keys), n, replace=False)]
+        lat, server_ms = [], []
+        with httpx.Client(base_url=url, timeout=30) as c:
+            for key in picks[:20]:  # warm-up (connection, thread pool)
+                c.post("/v1/search", data={"key": key, "k": "10"})
+            deadline = time.time() + time_limit
+            for key in picks[20:]:
+                t = time.perf_counter()
+                r = c.post("/v1/search", data={"key": key, "k": "10"})
+                lat.append(time.perf_counter() - t)
+                assert r.status_code == 200 and len(r.json()["hits"]) == 10, r.text
+                server_ms.append(r.json()["timings_ms"]["search"])
+                if time.time() > deadline:
+                    break
+            metrics = c.get("/metrics").text
+        srv = {}
+        for name in ("sum", "count"):
+            pre = f'featcache_request_seconds_{name}{{route="/v1/search"}} '
+            srv[name] = float(next(ln for ln in metrics.splitlines() if ln.startswith(pre)).split()[-1])
+        return {"server_request_ms_mean": round(1000 * srv["sum"] / srv["count"], 3),"requests": len(lat), "client_ms": {"p50": pct(lat, 50), "p90": pct(lat, 90), "p99": pct(lat, 99)},
+                "server_search_stage_ms_p50": round(float(np.median(server_ms)), 3), "server_start_seconds": round(start_s, 1),
+                "transport": "HTTP/1.1 keep-alive, httpx, loopback 127.0.0.1, form-encoded key + k=10"}
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def write_markdown(r: dict) -> None:
+    path = ROOT / "BENCHMARKS.md"
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    i, s = r["index"], r["service"]
+    body = f"""{SECTION}
+
+Machine: {r['machine']}. Command: `{r['command']}`. Raw figures: `benchmarks/results/search.json`.
+
+**Vectors (100,000 real, 1280-d, EfficientNet-Lite0 `final`, fingerprint `{r['fingerprint']}`):** the 70,000
+Fashion-MNIST images (60k train + 10k test) and 30,000 horizontal mirrors of train images 0..29,999,
+embedded by `benchmarks/gpu_mirror_vectors.py` through featcache's own `load_image` + `Embedder` (fp32, TF32
+off) on a borrowed H100, stored as float16 for transfer (cosine to fp32 >= 0.9999996). The background CPU
+extraction of `/work/data/fmnist-cache` ran at ~6 img/s on this shared 2-core box and held only
+{r['cache_rows']:,} rows at benchmark time; where its rows overlap, GPU and CPU vectors agree to cosine
+>= {r['gpu_vs_cpu_min_cosine']} ({r['gpu_vs_cpu_compared']:,} images compared).
+
+| what | figure |
+|---|---|
+| index (`auto` at 100k) | {i['kind']} {i['params']} |
+| build time / memory | {i['build_seconds']} s / {i['memory_bytes'] / 1e6:.0f} MB |
+| recall@10 vs exact (manifest, 1000 held-out real vectors) | {i['recall_at_10_manifest']} |
+| recall@10 vs exact (this bench, {i['bench_queries']} queries) | {i['recall_at_10_bench']} |
+| approximate single query, 1 thread: p50 / p90 / p99 | {i['approx_single_query_ms']['p50']} / {i['approx_single_query_ms']['p90']} / {i['approx_single_query_ms']['p99']} ms |
+| exact single query, 1 thread, 70k: p50 | {i['exact_single_query_ms_70k']['p50']} ms |
+| exact single query, 1 thread, 100k: p50 | {i['exact_single_query_ms_100k']['p50']} ms |
+| service search-by-key, client-side p50 / p90 / p99 ({s['requests']} sequential requests) | {s['client_ms']['p50']} / {s['client_ms']['p90']} / {s['client_ms']['p99']} ms |
+| of which inside the server (ASGI in to out, mean) / the search stage (p50) | {s['server_request_ms_mean']} ms / {s['server_search_stage_ms_p50']} ms |
+
+Targets: approximate p50 <= 0.5 ms at recall@10 >= 0.99: **{'met' if r['targets']['approx'] else 'NOT met'}**;
+search-by-key through the service p50 <= 5 ms: **{'met' if r['targets']['service'] else 'NOT met'}**.
+The background extraction and another engineer's jobs shared the 2 cores during these runs.
+"""
+    load_file = ROOT / "benchmarks" / "results" / "service_load.json"
+    if load_file.is_file():
+        ld = json.loads(load_file.read_text())
+        on, off = ld["batching_on"], ld["batching_off"]
+        body += f"""
+**Micro-batching** (`{ld['command']}`; raw: `benchmarks/results/service_load.json`): {ld['clients']} concurrent
+clients send real images ({ld['images']}) to `POST /v1/classify` on 127.0.0.1, bounded in requests and time.
+
+| server | requests ok | throughput | latency p50 / p90 | images per forward pass |
+|---|---|---|---|---|
+| batching on | {on['ok']}/{on['requests']} | {on['throughput_rps']} req/s | {on['latency_ms']['p50']} / {on['latency_ms']['p90']} ms | {on['mean_batch']} |
+| batching off | {off['ok']}/{off['requests']} | {off['throughput_rps']} req/s | {off['latency_ms']['p50']} / {off['latency_ms']['p90']} ms | {off['mean_batch']} |
+
+Throughput ratio on/off: **{ld['throughput_ratio']}x** (target >= 2x: **{'met' if (ld['throughput_ratio'] or 0) >= 2 else 'NOT met'}**).
+"""
+    if SECTION in text:
+        start = text.index(SECTION)
+        nxt = re.search(r"^## ", text[start + len(SECTION):], re.M)
+        end = start + len(SECTION) + nxt.start() if nxt else len(text)
+        text = text[:start] + body + ("\n" + text[end:] if nxt else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + body
+    path.write_text(text)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--vectors", default="/work/data/fmnist-gpu-vectors")
+    p.add_argument("--cache", default="/work/data/fmnist-cache", help="cache of the same fingerprint the service serves")
+    p.add_argument("--index", default=str(ROOT / "bench-data" / "fmnist100k-index"))
+    p.add_argument("--rebuild", action="store_true")
+    p.add_argument("--queries", type=int, default=1000)
+    p.add_argument("--requests", type=int, default=520)
+    p.add_argument("--time-limit", type=float, default=60.0)
+    a = p.parse_args()
+    x, keys, shas, info = load_vectors(Path(a.vectors))
+    cache = FeatureCache(a.cache)
+    fp = cache.resolve_fingerprint()
+    attrs = cache.group_attrs(fp)
+    feats = cache.read(fp)
+    # GPU vectors vs the CPU-extracted cache, where the cache has the image
+    pos = {k: i for i, k in enumerate(keys)}
+    common = [(pos["train/" + k], j) for j, k in enumerate(feats.keys.tolist()) if "train/" + k in pos]
+    common += [(pos["test/" + k], j) for j, k in enumerate(feats.keys.tolist()) if "test/" + k in pos]
+    a_, b_ = normalise(x[[c[0] for c in common]]), normalise(feats.vectors[[c[1] for c in common]])
+    cos = (a_ * b_).sum(1)
+    index_res = bench_index(x, keys, shas, fp, attrs, Path(a.index), a.rebuild, a.queries)
+    service_res = bench_service(a.cache, Path(a.index), keys, a.requests, a.time_limit)
+    r = {
+        "machine": f"{platform.machine()}, {available_cpus()} CPUs available, Python {platform.python_version()}, "
+                   f"faiss {faiss.__version__}",
+        "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
+        "fingerprint": fp, "vectors": {**info, "total": len(x)},
+        "cache_rows": len(feats), "gpu_vs_cpu_compared": len(common),
+        "gpu_vs_cpu_min_cosine": round(float(cos.min()), 7) if len(cos) else None,
+        "index": index_res, "service": service_res,
+        "targets": {"approx": index_res["approx_single_query_ms"]["p50"] <= 0.5 and index_res["recall_at_10_bench"] >= 0.99,
+                    "service": service_res["client_ms"]["p50"] <= 5.0},
+        "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    out = ROOT / "benchmarks" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "search.json").write_text(json.dumps(r, indent=2))
+    write_markdown(r)
+    print(json.dumps(r, indent=2))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", str(available_cpus()))
+    main()

@@ -1,0 +1,143 @@
+"""Classify throughput with and without micro-batching: 16 concurrent clients on loopback.
+
+    python benchmarks/load_service.py --cache /work/data/fmnist-cache --head fm=HEAD_DIR \
+        --images /work/data/fmnist/test --clients 16 --requests 320 --time-limit 90
+
+Starts ``featcache serve`` on 127.0.0.1 (a free port) twice, batching on then off, each time
+sending at most ``--requests`` classify requests (real images) from ``--clients`` threads,
+stopping early at ``--time-limit`` seconds. Writes benchmarks/results/service_load.json and
+refreshes the "Search and service (issue 4)" section of BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _metric(text: str, name: str) -> float:
+    return float(next(ln.split()[-1] for ln in text.splitlines() if ln.startswith(name + " ")))
+
+
+def run_mode(a, batching: bool, images: list[bytes], head: str) -> dict:
+    port = _free_port()
+    cmd = [sys.executable, "-m", "featcache.cli", "serve", "--cache", a.cache, "--head", a.head,
+           "--host", "127.0.0.1", "--port", str(port), "--device", "cpu",
+           "--max-batch", str(a.max_batch), "--max-wait-ms", str(a.max_wait_ms)]
+    if not batching:
+        cmd.append("--no-batching")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        t0 = time.time()
+        while True:
+            try:
+                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if proc.poll() is not None or time.time() - t0 > 300:
+                raise RuntimeError("server failed to start: " + proc.stderr.read().decode()[-2000:])
+            time.sleep(0.5)
+        lock = threading.Lock()
+        sent = [0]
+        lat: list[float] = []
+        statuses: dict[int, int] = {}
+        deadline = [0.0]
+
+        def client(i: int) -> None:
+            with httpx.Client(base_url=url, timeout=120) as c:
+                j = i
+                while True:
+                    with lock:
+                        if sent[0] >= a.requests or time.time() > deadline[0]:
+                            return
+                        sent[0] += 1
+                    data = images[j % len(images)]
+                    j += a.clients
+                    t = time.perf_counter()
+                    r = c.post("/v1/classify", files={"image": ("x.png", data, "image/png")}, data={"head": head})
+                    dt = time.perf_counter() - t
+                    with lock:
+                        lat.append(dt)
+                        statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+
+        # warm-up: one round of concurrent requests (not counted)
+        deadline[0] = time.time() + 60
+        sent[0] = a.requests - a.clients
+        ths = [threading.Thread(target=client, args=(i,)) for i in range(a.clients)]
+        [t.start() for t in ths]
+        [t.join() for t in ths]
+        before = httpx.get(url + "/metrics").text
+        sent[0], lat.clear(), statuses.clear()
+        start = time.perf_counter()
+        deadline[0] = time.time() + a.time_limit
+        ths = [threading.Thread(target=client, args=(i,)) for i in range(a.clients)]
+        [t.start() for t in ths]
+        [t.join() for t in ths]
+        elapsed = time.perf_counter() - start
+        after = httpx.get(url + "/metrics").text
+        n_fwd = _metric(after, "featcache_batch_size_count") - _metric(before, "featcache_batch_size_count")
+        n_img = _metric(after, "featcache_batch_size_sum") - _metric(before, "featcache_batch_size_sum")
+        ok = statuses.get(200, 0)
+        return {"batching": batching, "requests": len(lat), "ok": ok, "statuses": statuses,
+                "seconds": round(elapsed, 2), "throughput_rps": round(ok / elapsed, 2),
+                "latency_ms": {"p50": round(float(np.percentile(lat, 50)) * 1000, 1),
+                               "p90": round(float(np.percentile(lat, 90)) * 1000, 1)},
+                "mean_batch": round(n_img / n_fwd, 2) if n_fwd else None}
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--cache", required=True)
+    p.add_argument("--head", required=True, help="NAME=HEAD_DIR")
+    p.add_argument("--images", required=True, help="folder of real images (recursively, first 256)")
+    p.add_argument("--clients", type=int, default=16)
+    p.add_argument("--requests", type=int, default=320)
+    p.add_argument("--time-limit", type=float, default=90.0)
+    p.add_argument("--max-batch", type=int, default=16)
+    p.add_argument("--max-wait-ms", type=float, default=4.0)
+    a = p.parse_args()
+    files = sorted(f for f in Path(a.images).rglob("*") if f.suffix.lower() in (".png", ".jpg", ".jpeg"))[:256]
+    images = [f.read_bytes() for f in files]
+    head = a.head.split("=", 1)[0]
+    on = run_mode(a, True, images, head)
+    off = run_mode(a, False, images, head)
+    r = {"command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
+         "clients": a.clients, "images": f"{len(images)} files from {a.images}",
+         "batching_on": on, "batching_off": off,
+         "throughput_ratio": round(on["throughput_rps"] / off["throughput_rps"], 2) if off["throughput_rps"] else None,
+         "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    out = ROOT / "benchmarks" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "service_load.json").write_text(json.dumps(r, indent=2))
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_search import write_markdown
+
+    if (out / "search.json").is_file():
+        write_markdown(json.loads((out / "search.json").read_text()))
+    print(json.dumps(r, indent=2))
+
+
+if __name__ == "__main__":
+    main()
