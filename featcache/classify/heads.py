@@ -178,7 +178,11 @@ class _LinearHead(Head):
 
             folds = list(StratifiedKFold(3, shuffle=True, random_state=self.random_state).split(y_idx, y_idx))
         else:
-            folds = [stratified_holdout(y_idx, self.val_fraction, self.random_state)]
+            tr, va = stratified_holdout(y_idx, self.val_fraction, self.random_state)
+            if self.select_rows and len(tr) > self.select_rows:  # the path only ranks C: a subsample does
+                keep, _ = stratified_holdout(y_idx[tr], 1 - self.select_rows / len(tr), self.random_state)
+                tr = tr[keep]
+            folds = [(tr, va)]
         Cs = sorted(self.Cs)
         acc = np.zeros(len(Cs))
         ce = np.zeros(len(Cs))
@@ -250,13 +254,14 @@ class LogRegHead(_LinearHead):
     kind = "logreg"
     loss = "log"
 
-    def __init__(self, C: float | None = None, Cs: tuple[float, ...] = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0),
-                 max_iter: int = 100, path_iter: int = 30, tol: float = 1e-5, val_fraction: float = 0.1,
-                 random_state: int = 0, threads: int | None = None):
+    def __init__(self, C: float | None = None, Cs: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0),
+                 max_iter: int = 80, path_iter: int = 20, tol: float = 1e-5, val_fraction: float = 0.1,
+                 select_rows: int | None = 15000, random_state: int = 0, threads: int | None = None):
         self.C = C
         self.Cs = Cs
         self.max_iter = max_iter
         self.path_iter = path_iter
+        self.select_rows = select_rows
         self.tol = tol
         self.val_fraction = val_fraction
         self.random_state = random_state
@@ -270,12 +275,13 @@ class LinearSVMHead(_LinearHead):
     loss = "squared_hinge"
 
     def __init__(self, C: float | None = None, Cs: tuple[float, ...] = (0.001, 0.003, 0.01, 0.03, 0.1),
-                 max_iter: int = 100, path_iter: int = 30, tol: float = 1e-5, val_fraction: float = 0.1,
-                 random_state: int = 0, threads: int | None = None):
+                 max_iter: int = 80, path_iter: int = 20, tol: float = 1e-5, val_fraction: float = 0.1,
+                 select_rows: int | None = 15000, random_state: int = 0, threads: int | None = None):
         self.C = C
         self.Cs = Cs
         self.max_iter = max_iter
         self.path_iter = path_iter
+        self.select_rows = select_rows
         self.tol = tol
         self.val_fraction = val_fraction
         self.random_state = random_state

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 
 import numpy as np
@@ -13,17 +14,20 @@ from .heads import Head, _softmax, as_features, set_threads, stratified_holdout
 
 
 class MLPHead(Head):
-    """features -> Linear(hidden) -> GELU -> Dropout -> Linear(classes), AdamW, cosine LR.
+    """features -> Linear(hidden) -> GELU -> Dropout -> Linear(classes), AdamW, warm-up + cosine LR.
 
     A stratified ``val_fraction`` of the training data decides early stopping (``patience``
-    epochs without a better validation loss); the best epoch's weights are kept.
+    epochs without a better validation loss); the best epoch's weights are kept. With
+    ``max_seconds`` the cosine schedule is planned after the first epoch to end within
+    that budget (large data); small data runs ``max_epochs``. Seeded: same data, same
+    ``random_state`` and same epoch count give the same weights.
     """
 
     kind = "mlp"
 
     def __init__(self, hidden: int = 512, dropout: float = 0.3, lr: float = 1e-3, weight_decay: float = 1e-4,
-                 batch_size: int = 256, max_epochs: int = 40, patience: int = 4, val_fraction: float = 0.1,
-                 max_seconds: float | None = None, random_state: int = 0, threads: int | None = None):
+                 batch_size: int = 512, max_epochs: int = 40, patience: int = 4, val_fraction: float = 0.1,
+                 max_seconds: float | None = 45.0, random_state: int = 0, threads: int | None = None):
         self.hidden = hidden
         self.dropout = dropout
         self.lr = lr
@@ -55,21 +59,29 @@ class MLPHead(Head):
         torch.manual_seed(self.random_state)
         gen = torch.Generator().manual_seed(self.random_state)
         net = self._net(X.shape[1], len(self.classes_))
-        steps = max(1, -(-len(tr) // self.batch_size)) * self.max_epochs
+        per_epoch = max(1, -(-len(tr) // self.batch_size))
+        epochs = self.max_epochs  # may shrink after epoch 1 to fit max_seconds
         opt = torch.optim.AdamW(net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=self.lr, total_steps=steps, pct_start=0.1)
         Xtr, ytr, Xva, yva = Xs[tr], yt[tr], Xs[va], yt[va]
-        best, best_state, bad = float("inf"), None, 0
+        best, best_state, bad, step = float("inf"), None, 0, 0
         self.history_ = []
         for epoch in range(self.max_epochs):
+            if epoch >= epochs:
+                break
             net.train()
             perm = torch.randperm(len(tr), generator=gen)
             for i in range(0, len(tr), self.batch_size):
+                # linear warm-up over the first epoch, then cosine decay to zero at the planned end
+                total = epochs * per_epoch
+                frac = step / total
+                scale = min(1.0, (step + 1) / per_epoch) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
+                for g in opt.param_groups:
+                    g["lr"] = self.lr * scale
                 j = perm[i : i + self.batch_size]
                 opt.zero_grad(set_to_none=True)
                 nn.functional.cross_entropy(net(Xtr[j]), ytr[j]).backward()
                 opt.step()
-                sched.step()
+                step += 1
             net.eval()
             with torch.no_grad():
                 logits = net(Xva)
@@ -81,8 +93,11 @@ class MLPHead(Head):
                 best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
             else:
                 bad += 1
-            if bad >= self.patience or (self.max_seconds and time.perf_counter() - t0 > self.max_seconds):
+            if bad >= self.patience:
                 break
+            if epoch == 0 and self.max_seconds:  # plan the schedule to end inside the time budget
+                spent = time.perf_counter() - t0
+                epochs = max(2, min(self.max_epochs, int(self.max_seconds / max(spent, 1e-6))))
         net.load_state_dict(best_state)
         self.n_epochs_ = len(self.history_)
         self.best_epoch_ = int(np.argmin([h["val_loss"] for h in self.history_])) + 1

@@ -65,7 +65,7 @@ def confusion_image(confusion: list[list[int]], labels: list[str], cell: int = 4
     out.paste(img.crop((0, 0, w, 30 + k * cell)), (0, 0))
     out.paste(block, (margin, 30 + k * cell + 4))
     od = ImageDraw.Draw(out)
-    od.text((margin, 8), "predicted → (rows: true label; colour: row-normalised)", fill="black", font=font)
+    od.text((margin, 8), "columns: predicted, rows: true label; colour: row-normalised", fill="black", font=font)
     return out
 
 
@@ -104,14 +104,15 @@ def _thumb(path: str, size: int) -> Image.Image:
             im = im.convert("RGBA")
             bg = Image.new("RGB", im.size, "white")
             bg.paste(im, mask=im.getchannel("A"))
-            bg.thumbnail((size, size))
-            return bg
+            scale = size / max(bg.size)
+            resample = Image.Resampling.NEAREST if scale > 1 else Image.Resampling.LANCZOS
+            return bg.resize((max(1, round(bg.width * scale)), max(1, round(bg.height * scale))), resample)
     except Exception:  # noqa: BLE001 - a moved or broken file just shows as a grey box
         return Image.new("RGB", (size, size), (200, 200, 200))
 
 
 def misclassified_image(items: list[dict], size: int = 96, cols: int = 8) -> Image.Image | None:
-    """Thumbnail sheet: image, ``true → predicted (p)`` under each."""
+    """Thumbnail sheet: image, ``true -> predicted p`` under each."""
     if not items:
         return None
     font = _font(10)
@@ -123,7 +124,7 @@ def misclassified_image(items: list[dict], size: int = 96, cols: int = 8) -> Ima
         x, y = (i % cols) * cw, (i // cols) * ch
         th = _thumb(it["path"], size)
         sheet.paste(th, (x + (cw - th.width) // 2, y + 2 + (size - th.height) // 2))
-        d.text((x + cw / 2, y + size + 6), f"{it['true'][:12]}→", fill="black", font=font, anchor="ma")
+        d.text((x + cw / 2, y + size + 6), f"{it['true'][:12]} ->", fill="black", font=font, anchor="ma")
         d.text((x + cw / 2, y + size + 17), f"{it['predicted'][:12]} {it['probability']:.2f}", fill=(180, 0, 0),
                font=font, anchor="ma")
     return sheet
