@@ -312,6 +312,30 @@ def cmd_advise(args: argparse.Namespace) -> dict:
     return result
 
 
+# -- partial unfreeze (issue 5) ----------------------------------------------------
+@command("finetune")
+def cmd_finetune(args: argparse.Namespace) -> dict:
+    from .classify.finetune import FinetuneConfig, finetune
+
+    cfg = FinetuneConfig(
+        cache=args.cache, out=args.out, unfreeze_from=args.unfreeze_from, backbone=args.backbone,
+        weights=args.weights, epochs=args.epochs, lr=args.lr, backbone_lr_mult=args.backbone_lr_mult,
+        augment=args.augment, new_top=args.new_top, bn=args.bn, batch_size=args.batch_size,
+        test_source=args.test_source, seed=args.seed, patience=args.patience, progress=not args.json,
+    )
+    result = finetune(cfg)
+
+    def human(r):
+        test = "n/a" if r["test_accuracy"] is None else f"{r['test_accuracy']:.4f}"
+        return (f"backbone written to {r['backbone_dir']}\n"
+                f"best val accuracy {r['best_val_accuracy']:.4f}, test accuracy {test}; "
+                f"{len(r['history'])} epochs in {r['train_seconds']}s (prefix {r['prefix_tap']} cached in "
+                f"{r['prefix_seconds']}s)\nuse it: featcache extract SOURCE --backbone {r['backbone_dir']}")
+
+    _print(result, args.json, human)
+    return result
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="featcache", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true")
@@ -417,6 +441,24 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--cache", default="featcache-cache")
     sp.add_argument("--fingerprint")
     sp.add_argument("--max-rows", type=int, default=20000, help="stratified subsample for the probes")
+
+    # -- partial unfreeze (issue 5) --
+    sp = add("finetune", "fine-tune the deeper stages on cached frozen-prefix activations; writes a backbone dir")
+    sp.add_argument("--cache", default="featcache-cache")
+    sp.add_argument("--backbone", default="efficientnet_lite0")
+    sp.add_argument("--weights")
+    sp.add_argument("--unfreeze-from", required=True, help="first trainable stage (e.g. stage5); earlier stages stay frozen")
+    sp.add_argument("--epochs", type=int, default=10)
+    sp.add_argument("--lr", type=float, default=3e-3, help="learning rate of the new head")
+    sp.add_argument("--backbone-lr-mult", type=float, default=0.1, help="pretrained layers get lr * this")
+    sp.add_argument("--augment", action="store_true", help="recompute the prefix on flipped/shifted images each epoch")
+    sp.add_argument("--new-top", action="store_true", help="re-initialise the stages after the cut (new top layers)")
+    sp.add_argument("--bn", default="train", choices=["train", "frozen"], help="BatchNorm policy in unfrozen layers")
+    sp.add_argument("--batch-size", type=int, default=64)
+    sp.add_argument("--patience", type=int, default=3, help="early stopping: epochs without val improvement")
+    sp.add_argument("--test-source", help="folder/CSV whose images form the test set")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--out", required=True, help="backbone directory to write")
     return p
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,29 +129,36 @@ def load_network(spec: BackboneSpec) -> tuple[nn.Module, str]:
     return model.eval(), digest
 
 
-class TapModel(nn.Module):
-    """Runs ``blocks`` in sequence and returns {tap name: pooled (N, C) features}.
+RAW = "raw:"  # tap prefix: the stage's unpooled activations, flattened (the input of a partial fine-tune)
 
-    ``taps`` maps a block index to a tap name; ``pre_logits`` turns the last block's
-    feature map into the final embedding (global average pool, plus whatever the
-    architecture applies before its classifier).
+
+class TapModel(nn.Module):
+    """Runs ``blocks`` in sequence and returns {tap name: (N, dim) features}.
+
+    ``taps`` maps a block index to its stage name. A wanted ``stageN`` is that block's
+    output, globally average-pooled; ``raw:stageN`` is the same output flattened, unpooled;
+    ``final`` is ``pre_logits`` of the last block (pooling plus whatever the architecture
+    applies before its classifier). Blocks after the deepest wanted tap are not run.
     """
 
     def __init__(self, blocks: list[nn.Module], taps: dict[int, str], pre_logits: nn.Module, wanted: list[str]):
         super().__init__()
-        last = max([i for i, n in taps.items() if n in wanted], default=-1)
+        self.outputs: dict[int, list[tuple[str, bool]]] = {}
+        for i, stage in taps.items():
+            for name, raw in ((stage, False), (RAW + stage, True)):
+                if name in wanted:
+                    self.outputs.setdefault(i, []).append((name, raw))
         self.run_all = "final" in wanted
+        last = max(self.outputs, default=-1)
         self.blocks = nn.ModuleList(blocks if self.run_all else blocks[: last + 1])
-        self.taps = {i: n for i, n in taps.items() if n in wanted}
         self.pre_logits = pre_logits
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         for i, block in enumerate(self.blocks):
             x = block(x)
-            name = self.taps.get(i)
-            if name is not None:
-                out[name] = x.float().mean((2, 3))
+            for name, raw in self.outputs.get(i, ()):
+                out[name] = x.float().flatten(1) if raw else x.float().mean((2, 3))
         if self.run_all:
             out["final"] = self.pre_logits(x).float()
         return out
@@ -252,20 +260,33 @@ class Backbone:
     stage_taps: dict[int, str]
     pre_logits: nn.Module
     classifier: nn.Module | None
-    dims: dict[str, int]
+    shapes: dict[str, tuple[int, ...]]  # tap -> per-image output shape (C,) or (C, H, W) for raw taps
 
     @classmethod
     def load(cls, spec: BackboneSpec) -> Backbone:
         network, digest = load_network(spec)
         blocks, taps, pre, clf = decompose(spec, network)
         size = spec.preprocess.crop
+        shapes: dict[str, tuple[int, ...]] = {}
+        x = torch.zeros(1, 3, size, size)
         with torch.no_grad():
-            out = TapModel(blocks, taps, pre, ["final", *taps.values()]).eval()(torch.zeros(1, 3, size, size))
-        return cls(spec, network, digest, blocks, taps, pre, clf, {k: int(v.shape[1]) for k, v in out.items()})
+            for i, block in enumerate(blocks):
+                x = block(x)
+                if i in taps:
+                    shapes[taps[i]], shapes[RAW + taps[i]] = (x.shape[1],), tuple(x.shape[1:])
+            shapes["final"] = tuple(pre(x).shape[1:])
+        return cls(spec, network, digest, blocks, taps, pre, clf, shapes)
 
     @property
     def tap_names(self) -> list[str]:
-        return ["final", *self.stage_taps.values()]
+        return list(self.shapes)
+
+    def stage_index(self, stage: str) -> int:
+        """Block index whose output is ``stage``."""
+        for i, name in self.stage_taps.items():
+            if name == stage:
+                return i
+        raise UsageError(f"{self.spec.name} has no stage {stage!r}; stages: {list(self.stage_taps.values())}")
 
     def tap_model(self, taps: list[str]) -> TapModel:
         unknown = sorted(set(taps) - set(self.tap_names))
@@ -274,4 +295,4 @@ class Backbone:
         return TapModel(self.blocks, self.stage_taps, self.pre_logits, taps).eval()
 
     def tap_dims(self) -> dict[str, int]:
-        return dict(self.dims)
+        return {k: math.prod(v) for k, v in self.shapes.items()}

@@ -148,13 +148,25 @@ class Extraction:
         self.timings = Counter()
 
     def run(self) -> dict:
-        t0 = time.perf_counter()
+        """Extract ``cfg.source`` into the cache."""
         items, skipped = list_source(self.cfg.source, self.cfg.labels)
+        summary = self._locked(lambda cache: self._run(cache, items))
+        summary["skipped_non_image_suffix"] = skipped
+        return summary
+
+    def run_cached_images(self) -> dict:
+        """Compute this embedder's taps for every image already in the cache's image table."""
+        def job(cache: FeatureCache) -> dict:
+            table = cache.images()
+            return self._extract_rows(cache, [(i, Path(p)) for i, p in enumerate(table.path)], files=len(table))
+        return self._locked(job)
+
+    def _locked(self, job) -> dict:
+        t0 = time.perf_counter()
         with writer_lock(self.cfg.cache), ThreadPoolExecutor(self.workers, thread_name_prefix="featcache") as pool, \
                 self._decoder_pool() as decoders:
             self.pool, self.decoders = pool, decoders or pool
-            summary = self._run(FeatureCache(self.cfg.cache, create=True), items)
-        summary["skipped_non_image_suffix"] = skipped
+            summary = job(FeatureCache(self.cfg.cache, create=True))
         summary["seconds"] = round(time.perf_counter() - t0, 3)
         summary["timings"] = {k: round(v, 3) for k, v in self.timings.items()}
         summary["images_per_second"] = round(summary["extracted"] / max(summary["timings"].get("extract", 0), 1e-9), 2)
@@ -175,7 +187,11 @@ class Extraction:
         self.timings["hash"] += time.perf_counter() - t
 
         source_rows, duplicates, unreadable = _register(cache, items, hashes)
+        return self._extract_rows(cache, source_rows, len(items), duplicates, unreadable)
 
+    def _extract_rows(self, cache: FeatureCache, source_rows: list[tuple[int, Path]], files: int,
+                      duplicates: int = 0, unreadable: list[dict] | None = None) -> dict:
+        unreadable = unreadable or []
         tap_dims = {k: v for k, v in self.emb.backbone.tap_dims().items() if k in self.emb.taps}
         group = cache.feature_group(self.emb.fingerprint, self.emb.canon, self.emb.spec.describe(), tap_dims)
         # Taps already in the group are always computed too, so all taps advance together.
@@ -213,7 +229,7 @@ class Extraction:
         return {
             "cache": str(cache.root), "fingerprint": self.emb.fingerprint, "backbone": self.emb.spec.name,
             "device": str(self.emb.device), "precision": self.emb.precision, "taps": all_taps,
-            "files": len(items), "unique_images": len(source_rows), "duplicate_files": duplicates,
+            "files": files, "unique_images": len(source_rows), "duplicate_files": duplicates,
             "already_cached": len(source_rows) - len(new), "extracted": len(new) + len(catch_up),
             "failed": len(failed_items), "failure_reasons": dict(failures + Counter(
                 u["error"].split(":")[0] for u in unreadable)),

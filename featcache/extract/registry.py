@@ -165,4 +165,5 @@ def spec_from_description(d: dict) -> BackboneSpec:
         preprocess=Preprocess(p["resize"], p["crop"], p["interpolation"], tuple(p["mean"]), tuple(p["std"]),
                               tuple(p.get("background", (255, 255, 255)))),
         description=d.get("description", ""),
+        extra=d.get("extra", {}),
     )

@@ -62,6 +62,7 @@ class BackboneSpec:
             "weights": asdict(self.weights),
             "preprocess": asdict(self.preprocess),
             "description": self.description,
+            "extra": self.extra,
         }
 
 

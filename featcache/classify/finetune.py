@@ -1,0 +1,292 @@
+"""Partial unfreeze: fine-tune the deeper stages while the early ones stay frozen.
+
+The frozen prefix (every stage before ``unfreeze_from``) runs once per image: its output
+is stored in the Zarr cache as the tap ``raw:stageK`` under the backbone's own
+fingerprint, so each epoch runs only the unfrozen stages and the new head. With
+``augment`` the prefix is recomputed on augmented images every epoch instead. With
+``new_top`` the stages after the cut are re-initialised (the "reuse early layers, train
+new top layers" cell of the transfer-learning matrix).
+
+BatchNorm policy: frozen layers are never in the training graph (cached) or run in eval
+mode under ``no_grad`` (augment), so their running statistics cannot change. Unfrozen
+layers follow ``bn``: ``train`` (batch statistics, running stats updated) or ``frozen``
+(eval mode, pretrained statistics kept).
+
+The result is a backbone directory (``backbone.json`` + ``weights.safetensors``) that
+``featcache extract --backbone DIR`` and everything after it accept like any other.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import UsageError
+from ..extract.backbone import RAW, Backbone, decompose, sha256_file
+from ..extract.decode import load_image
+from ..extract.embedder import Embedder
+from ..extract.pipeline import ExtractConfig, Extraction
+from ..extract.registry import DEFAULT_BACKBONE, resolve
+from ..runtime import available_cpus
+from ..store.cache import FeatureCache
+
+
+@dataclass
+class FinetuneConfig:
+    cache: str
+    out: str
+    unfreeze_from: str = "stage5"
+    backbone: str = DEFAULT_BACKBONE
+    weights: str | None = None
+    epochs: int = 10
+    lr: float = 3e-3  # the new head's learning rate
+    backbone_lr_mult: float = 0.1  # pretrained unfrozen layers get lr * this
+    warmup_epochs: float = 1.0
+    weight_decay: float = 1e-4
+    batch_size: int = 64
+    val_fraction: float = 0.1
+    patience: int = 3
+    seed: int = 0
+    augment: bool = False
+    new_top: bool = False
+    bn: str = "train"
+    recompute_prefix: bool = False  # run the frozen prefix every step (the slow baseline) instead of the cache
+    test_source: str | None = None
+    max_train: int | None = None
+    progress: bool = True
+
+
+class Suffix(nn.Module):
+    """The trainable part: unfrozen stages -> pre-logits -> new classifier."""
+
+    def __init__(self, blocks: list[nn.Module], pre_logits: nn.Module, head: nn.Module):
+        super().__init__()
+        self.blocks = nn.Sequential(*blocks)
+        self.pre_logits = pre_logits
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pre_logits(self.blocks(x)))
+
+
+def _replace_classifier(backbone: Backbone, net: nn.Module, classes: int) -> None:
+    if backbone.spec.family == "timm":
+        net.reset_classifier(classes)
+    elif hasattr(net, "fc"):
+        net.fc = nn.Linear(net.fc.in_features, classes)
+    elif isinstance(getattr(net, "classifier", None), nn.Sequential) and isinstance(net.classifier[-1], nn.Linear):
+        net.classifier[-1] = nn.Linear(net.classifier[-1].in_features, classes)
+    else:
+        raise UsageError(f"featcache cannot replace the classifier of {backbone.spec.arch}")
+
+
+def _reinit(module: nn.Module) -> None:
+    for m in module.modules():
+        if m is not module and hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+
+
+def _split(labels: np.ndarray, test: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for c in np.unique(labels[~test]):
+        idx = np.flatnonzero((labels == c) & ~test)
+        rng.shuffle(idx)
+        k = max(1, int(round(len(idx) * val_fraction))) if len(idx) > 1 else 0
+        val += idx[:k].tolist()
+        train += idx[k:].tolist()
+    return np.array(sorted(train)), np.array(sorted(val))
+
+
+def _lr_lambda(warmup_steps: int, total_steps: int):
+    def f(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return f
+
+
+class Finetuner:
+    def __init__(self, cfg: FinetuneConfig):
+        if cfg.bn not in ("train", "frozen"):
+            raise UsageError(f"--bn must be train or frozen, got {cfg.bn!r}")
+        self.cfg = cfg
+        torch.manual_seed(cfg.seed)
+        torch.set_num_threads(available_cpus())
+        self.base = Backbone.load(resolve(cfg.backbone, cfg.weights))
+        start = self.base.stage_index(cfg.unfreeze_from)
+        earlier = [i for i in self.base.stage_taps if i < start]
+        if not earlier:
+            raise UsageError(f"--unfreeze-from {cfg.unfreeze_from}: nothing would stay frozen; choose a later stage")
+        self.cut = max(earlier)  # last frozen block
+        self.raw_tap = RAW + self.base.stage_taps[self.cut]
+        self.raw_shape = self.base.shapes[self.raw_tap]
+
+    # -- data ------------------------------------------------------------------
+    def prefix_embedder(self) -> Embedder:
+        return Embedder(self.base, [self.raw_tap], "cpu", "fp32")
+
+    def cached_prefix(self, emb: Embedder) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(activations (n, C*H*W), labels, sha256, paths) of the cache's labelled images, computed once."""
+        Extraction(ExtractConfig("", self.cfg.cache, taps=[self.raw_tap], progress=self.cfg.progress), emb).run_cached_images()
+        cache = FeatureCache(self.cfg.cache)
+        feats = cache.read(emb.fingerprint, self.raw_tap)
+        keep = feats.labels != ""
+        table = cache.images()
+        path_of = dict(zip(table.sha256.tolist(), table.path.tolist()))
+        paths = np.array([path_of[s] for s in feats.sha256[keep]])
+        return feats.vectors[keep], feats.labels[keep], feats.sha256[keep], paths
+
+    def test_mask(self, sha: np.ndarray) -> np.ndarray:
+        if not self.cfg.test_source:
+            return np.zeros(len(sha), bool)
+        from ..extract.pipeline import _hash_file
+        from ..extract.sources import list_source
+
+        items, _ = list_source(self.cfg.test_source)
+        wanted = {_hash_file(it.path)[0] for it in items}
+        return np.isin(sha, list(wanted))
+
+    # -- training --------------------------------------------------------------
+    def build(self, classes: int) -> tuple[nn.Module, nn.Module, Suffix]:
+        """(whole network copy, frozen prefix, trainable suffix sharing the network's modules)."""
+        net = copy.deepcopy(self.base.network)
+        _replace_classifier(self.base, net, classes)
+        blocks, _, pre, clf = decompose(self.base.spec, net)
+        prefix = nn.Sequential(*blocks[: self.cut + 1]).eval()
+        for p in prefix.parameters():
+            p.requires_grad_(False)
+        suffix = Suffix(blocks[self.cut + 1 :], pre, clf)
+        if self.cfg.new_top:
+            _reinit(suffix.blocks)
+        return net, prefix, suffix
+
+    def _train_mode(self, suffix: Suffix, prefix: nn.Module) -> None:
+        suffix.train()
+        prefix.eval()  # a timm pre-logits module can reach the whole network: frozen layers stay in eval
+        if self.cfg.bn == "frozen":
+            for m in suffix.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+
+    def _inputs(self, prefix: nn.Module, acts: np.ndarray, paths: np.ndarray, idx: np.ndarray, train: bool) -> torch.Tensor:
+        if not (self.cfg.augment and train) and not self.cfg.recompute_prefix:
+            return torch.from_numpy(acts[idx]).view(len(idx), *self.raw_shape)
+        pre = self.base.spec.preprocess
+        imgs = torch.stack([load_image(Path(p).read_bytes(), pre) for p in paths[idx]])
+        if self.cfg.augment and train:
+            flip = torch.rand(len(imgs)) < 0.5
+            imgs[flip] = imgs[flip].flip(-1)
+            shift = np.random.randint(-8, 9, size=2)
+            imgs = torch.roll(imgs, shifts=(int(shift[0]), int(shift[1])), dims=(2, 3))
+        x = (imgs.float() / 255 - torch.tensor(pre.mean).view(1, 3, 1, 1)) / torch.tensor(pre.std).view(1, 3, 1, 1)
+        with torch.no_grad():
+            return prefix(x)
+
+    def evaluate(self, prefix, suffix, acts, paths, labels_idx, idx) -> float:
+        suffix.eval()
+        correct = 0
+        with torch.no_grad():
+            for s in range(0, len(idx), 256):
+                part = idx[s : s + 256]
+                correct += int((suffix(self._inputs(prefix, acts, paths, part, False)).argmax(1).numpy()
+                                == labels_idx[part]).sum())
+        return correct / max(1, len(idx))
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        emb = self.prefix_embedder()
+        acts, labels, sha, paths = self.cached_prefix(emb)
+        prefix_seconds = time.perf_counter() - t0
+        classes = sorted(set(labels.tolist()))
+        if len(classes) < 2:
+            raise UsageError("fine-tuning needs at least two labelled classes in the cache")
+        y = np.searchsorted(classes, labels)
+        test = self.test_mask(sha)
+        train_idx, val_idx = _split(labels, test, cfg.val_fraction, cfg.seed)
+        if cfg.max_train:
+            train_idx = np.random.default_rng(cfg.seed).permutation(train_idx)[: cfg.max_train]
+        net, prefix, suffix = self.build(len(classes))
+        head_ids = {id(p) for p in suffix.head.parameters()}
+        pretrained = [p for p in dict.fromkeys(suffix.parameters()) if p.requires_grad and id(p) not in head_ids]
+        mult = 1.0 if cfg.new_top else cfg.backbone_lr_mult
+        opt = torch.optim.AdamW([{"params": pretrained, "lr": cfg.lr * mult},
+                                 {"params": suffix.head.parameters(), "lr": cfg.lr}], weight_decay=cfg.weight_decay)
+        steps_per_epoch = math.ceil(len(train_idx) / cfg.batch_size)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(int(cfg.warmup_epochs * steps_per_epoch),
+                                                                  cfg.epochs * steps_per_epoch))
+        loss_fn = nn.CrossEntropyLoss()
+        rng = np.random.default_rng(cfg.seed)
+        history, best, best_state, stale = [], -1.0, None, 0
+        for epoch in range(1, cfg.epochs + 1):
+            te = time.perf_counter()
+            self._train_mode(suffix, prefix)
+            order = rng.permutation(train_idx)
+            total = 0.0
+            for s in range(0, len(order), cfg.batch_size):
+                part = order[s : s + cfg.batch_size]
+                x = self._inputs(prefix, acts, paths, part, True)
+                loss = loss_fn(suffix(x), torch.from_numpy(y[part]))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                total += loss.item() * len(part)
+            train_seconds = time.perf_counter() - te
+            val_acc = self.evaluate(prefix, suffix, acts, paths, y, val_idx) if len(val_idx) else float("nan")
+            row = {"epoch": epoch, "loss": total / len(order), "val_accuracy": val_acc,
+                   "epoch_seconds": round(train_seconds, 2)}
+            history.append(row)
+            if cfg.progress:
+                print(f"epoch {epoch}/{cfg.epochs}  loss {row['loss']:.4f}  val acc {val_acc:.4f}  "
+                      f"{train_seconds:.1f}s", flush=True)
+            if val_acc > best:
+                best, best_state, stale = val_acc, copy.deepcopy(suffix.state_dict()), 0
+            else:
+                stale += 1
+                if stale >= cfg.patience:
+                    break
+        if best_state is not None:
+            suffix.load_state_dict(best_state)
+        test_acc = self.evaluate(prefix, suffix, acts, paths, y, np.flatnonzero(test)) if test.any() else None
+        result = {"classes": classes, "train": len(train_idx), "val": len(val_idx), "test": int(test.sum()),
+                  "best_val_accuracy": best, "test_accuracy": test_acc, "history": history,
+                  "prefix_tap": self.raw_tap, "prefix_seconds": round(prefix_seconds, 2),
+                  "train_seconds": round(sum(h["epoch_seconds"] for h in history), 2)}
+        result["backbone_dir"] = self.save(net.eval(), classes, result)
+        return result
+
+    def save(self, net: nn.Module, classes: list[str], result: dict) -> str:
+        from safetensors.torch import save_file
+
+        out = Path(self.cfg.out)
+        out.mkdir(parents=True, exist_ok=True)
+        weights = out / "weights.safetensors"
+        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(weights))
+        spec = self.base.spec
+        meta = {
+            "featcache_backbone": {"format": 1},
+            "family": spec.family, "arch": spec.arch, "preprocess": asdict(spec.preprocess),
+            "weights_file": weights.name, "weights_sha256": sha256_file(weights),
+            "num_classes": len(classes), "labels": classes,
+            "description": f"{spec.name} fine-tuned from {self.cfg.unfreeze_from}"
+                           f"{' (new top)' if self.cfg.new_top else ''} on {self.cfg.cache}",
+            "base_backbone": spec.describe(), "config": {k: v for k, v in asdict(self.cfg).items() if k != "progress"},
+            "metrics": {k: result[k] for k in ("best_val_accuracy", "test_accuracy", "train_seconds")},
+        }
+        (out / "backbone.json").write_text(json.dumps(meta, indent=2))
+        return str(out)
+
+
+def finetune(cfg: FinetuneConfig) -> dict:
+    return Finetuner(cfg).run()

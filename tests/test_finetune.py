@@ -1,0 +1,96 @@
+"""Partial unfreeze on real images and real weights (Tux Paint, EfficientNet-Lite0)."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from featcache.classify.finetune import FinetuneConfig, Finetuner, finetune
+from featcache.extract.backbone import Backbone
+from featcache.extract.decode import load_image
+from featcache.extract.embedder import Embedder
+from featcache.extract.pipeline import ExtractConfig, Extraction
+from featcache.extract.registry import resolve
+from featcache.store.cache import FeatureCache
+
+
+@pytest.fixture(scope="module")
+def ft_cache(tux_cache, tmp_path_factory):
+    """A copy of the Tux Paint cache with the stage4 activations (the stage5 cut) cached once."""
+    cache = tmp_path_factory.mktemp("ft") / "cache"
+    shutil.copytree(tux_cache, cache)
+    ft = Finetuner(FinetuneConfig(cache=str(cache), out="unused", unfreeze_from="stage5", progress=False))
+    ft.cached_prefix(ft.prefix_embedder())
+    return cache
+
+
+@pytest.fixture(scope="module")
+def tuned(ft_cache, tmp_path_factory):
+    """One short fine-tune with --augment (the prefix really runs, so its BN could drift)."""
+    cfg = FinetuneConfig(cache=str(ft_cache), out=str(tmp_path_factory.mktemp("ftout") / "backbone"),
+                         unfreeze_from="stage5", epochs=1, batch_size=16, max_train=32, augment=True, progress=False)
+    return cfg, finetune(cfg)
+
+
+def test_frozen_layers_and_their_batchnorm_stats_are_unchanged(tuned, lite0):
+    cfg, result = tuned
+    tuned_state = load_file(f"{result['backbone_dir']}/weights.safetensors")
+    base = lite0.network.state_dict()
+    ft = Finetuner(cfg)
+    frozen = {k for k in base if k.startswith(("conv_stem", "bn1")) or
+              any(k.startswith(f"blocks.{i}.") for i in range(ft.cut))}
+    assert any("running_mean" in k for k in frozen)
+    for k in frozen:
+        assert torch.equal(tuned_state[k], base[k]), f"frozen tensor {k} changed"
+    trained = [k for k in base if k.startswith("blocks.6.") and k.endswith("weight")]
+    assert any(not torch.equal(tuned_state[k], base[k]) for k in trained), "unfrozen layers did not train"
+
+
+def test_cached_prefix_equals_recomputed_prefix(ft_cache, tmp_path):
+    ft = Finetuner(FinetuneConfig(cache=str(ft_cache), out=str(tmp_path / "o"), unfreeze_from="stage5", progress=False))
+    acts, labels, sha, paths = ft.cached_prefix(ft.prefix_embedder())
+    net, prefix, suffix = ft.build(len(set(labels.tolist())))
+    idx = np.arange(6)
+    cached = ft._inputs(prefix, acts, paths, idx, train=False)
+    ft.cfg.recompute_prefix = True
+    recomputed = ft._inputs(prefix, acts, paths, idx, train=False)
+    torch.testing.assert_close(cached, recomputed, rtol=0, atol=2e-4)
+    suffix.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(suffix(cached), suffix(recomputed), rtol=0, atol=2e-4)
+
+
+def test_bn_policy_frozen_keeps_unfrozen_running_stats(ft_cache, tmp_path, lite0):
+    result = finetune(FinetuneConfig(cache=str(ft_cache), out=str(tmp_path / "b"), unfreeze_from="stage5", epochs=1,
+                                     batch_size=16, max_train=32, bn="frozen", progress=False))
+    state = load_file(f"{result['backbone_dir']}/weights.safetensors")
+    base = lite0.network.state_dict()
+    stats = [k for k in base if k.startswith("blocks.6.") and "running_" in k]
+    assert stats and all(torch.equal(state[k], base[k]) for k in stats)
+
+
+def test_finetuned_backbone_round_trips_through_extract(tuned, imagenet_dir, tmp_path):
+    _, result = tuned
+    spec = resolve(result["backbone_dir"])
+    backbone = Backbone.load(spec)
+    assert backbone.classifier.out_features == len(result["classes"])
+    emb = Embedder(backbone, ["final"], "cpu")
+    src = tmp_path / "src"
+    for p in sorted(imagenet_dir.rglob("*.jpg"))[:6]:
+        (src / p.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(p, src / p.parent.name / p.name)
+    summary = Extraction(ExtractConfig(str(src), str(tmp_path / "c"), progress=False), emb).run()
+    assert summary["extracted"] == 6 and summary["failed"] == 0
+    feats = FeatureCache(tmp_path / "c").read()
+    assert feats.fingerprint == emb.fingerprint != Embedder(Backbone.load(resolve("efficientnet_lite0")), ["final"], "cpu").fingerprint
+    # the service and heads rebuild the backbone from the stored description: same fingerprint
+    from featcache.extract.embedder import embedder_for
+
+    attrs = FeatureCache(tmp_path / "c").group_attrs(feats.fingerprint)
+    again = embedder_for(attrs["backbone"], attrs["fingerprint"], device="cpu")
+    x = load_image(next(imagenet_dir.rglob("*.jpg")).read_bytes(), spec.preprocess)[None]
+    np.testing.assert_allclose(again.embed(x)["final"], emb.embed(x)["final"], atol=1e-5)
