@@ -108,11 +108,11 @@ def decode_only(paths: list[Path], emb: Embedder, workers: int) -> float:
     return rate
 
 
-def bench(name: str, root: Path, paths: list[Path], device: str, work: Path) -> dict:
+def bench(name: str, root: Path, paths: list[Path], device: str, work: Path, batch_size: int | None = None) -> dict:
     arch, weights = BACKBONES[name]
     backbone = Backbone.load(resolve(arch, weights))
     emb = Embedder(backbone, ["final"], device)
-    ex = Extraction(ExtractConfig(str(root), str(work / f"cache-{name}"), progress=False), emb)
+    ex = Extraction(ExtractConfig(str(root), str(work / f"cache-{name}"), batch_size=batch_size, progress=False), emb)
     batch = ex.batch_size
     result = {"backbone": name, "images": len(paths), "device": str(emb.device), "precision": emb.precision,
               "batch_size": batch, "workers": ex.workers}
@@ -133,13 +133,14 @@ def main() -> None:
     p.add_argument("--images", type=int, default=2000)
     p.add_argument("--backbones", nargs="+", default=list(BACKBONES), choices=list(BACKBONES))
     p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, help="featcache batch size (default: featcache's own default)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     a = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="featcache-bench-"))
     try:
         root = work / "jpegs"
         paths = make_jpegs(root, a.images)
-        rows = [bench(name, root, paths, a.device, work) for name in a.backbones]
+        rows = [bench(name, root, paths, a.device, work, a.batch_size) for name in a.backbones]
     finally:
         shutil.rmtree(work, ignore_errors=True)
     meta = {"cpus": available_cpus(), "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,

@@ -1,0 +1,94 @@
+"""Partial unfreeze on Fashion-MNIST: accuracy vs a frozen-feature head, and the cached-prefix speed-up.
+
+    python benchmarks/bench_finetune.py [--train 60000] [--test 10000] [--epochs 8] [--unfreeze-from stage5]
+    python benchmarks/bench_finetune.py --train 2000 --test 1000 --epochs 1 --speed-only   # the epoch ratio alone
+
+1. Writes the first N train/test images as PNG folders, extracts them into a cache.
+2. Epoch time with the cached prefix vs the same epoch recomputing the frozen layers, side by side.
+3. Unless --speed-only: fine-tunes for --epochs and compares test accuracy with a logistic-
+   regression head on the frozen final features of the same images.
+Writes benchmarks/results/finetune.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from featcache.classify.finetune import FinetuneConfig, Finetuner
+from featcache.datasets import write_fashion_mnist
+from featcache.extract.pipeline import ExtractConfig, extract
+
+
+def epoch_seconds(ft: Finetuner, acts, paths, y, idx, recompute: bool) -> float:
+    import torch
+
+    _, prefix, suffix = ft.build(int(y.max()) + 1)
+    ft.cfg.recompute_prefix = recompute
+    opt = torch.optim.AdamW(suffix.parameters(), lr=1e-4)
+    ft._train_mode(suffix, prefix)
+    t = time.perf_counter()
+    for s in range(0, len(idx), ft.cfg.batch_size):
+        part = idx[s : s + ft.cfg.batch_size]
+        loss = torch.nn.functional.cross_entropy(suffix(ft._inputs(prefix, acts, paths, part, True)), torch.from_numpy(y[part]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--train", type=int, default=60000)
+    p.add_argument("--test", type=int, default=10000)
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--unfreeze-from", default="stage5")
+    p.add_argument("--speed-images", type=int, default=512, help="images in the side-by-side epoch timing")
+    p.add_argument("--speed-only", action="store_true")
+    p.add_argument("--work", default=None)
+    a = p.parse_args()
+    work = Path(a.work or tempfile.mkdtemp(prefix="featcache-ft-"))
+    data = work / "fmnist"
+    write_fashion_mnist(data, "train", a.train)
+    write_fashion_mnist(data, "test", a.test)
+    cache = work / "cache"
+    for split in ("train", "test"):
+        extract(ExtractConfig(str(data / split), str(cache), progress=False))
+    cfg = FinetuneConfig(cache=str(cache), out=str(work / "backbone"), unfreeze_from=a.unfreeze_from,
+                         epochs=a.epochs, test_source=str(data / "test"))
+    ft = Finetuner(cfg)
+    t = time.perf_counter()
+    acts, labels, sha, paths = ft.cached_prefix(ft.prefix_embedder())
+    prefix_seconds = time.perf_counter() - t
+    y = np.searchsorted(sorted(set(labels.tolist())), labels)
+    idx = np.random.default_rng(0).permutation(len(y))[: a.speed_images]
+    cached = epoch_seconds(ft, acts, paths, y, idx, recompute=False)
+    recomputed = epoch_seconds(ft, acts, paths, y, idx, recompute=True)
+    result = {"command": "python benchmarks/bench_finetune.py " + " ".join(
+                  f"--{k.replace('_', '-')} {v}" for k, v in vars(a).items() if k not in ("work", "speed_only") and v is not None)
+              + (" --speed-only" if a.speed_only else ""),
+              "unfreeze_from": a.unfreeze_from, "prefix_tap": ft.raw_tap, "prefix_cache_seconds": round(prefix_seconds, 1),
+              "speed_images": len(idx), "epoch_seconds_cached": round(cached, 2),
+              "epoch_seconds_recompute": round(recomputed, 2), "speedup": round(recomputed / cached, 2)}
+    print(json.dumps(result, indent=2), flush=True)
+    if not a.speed_only:
+        from featcache.classify.train import TrainConfig, train
+
+        ft.cfg.recompute_prefix = False
+        tuned = ft.run()
+        head, _ = train(TrainConfig(cache=str(cache), out=str(work / "head"), test_source=str(data / "test")))
+        result.update({"finetune": {k: tuned[k] for k in ("best_val_accuracy", "test_accuracy", "train_seconds", "history")},
+                       "frozen_head": head})
+    out = Path(__file__).parent / "results"
+    out.mkdir(exist_ok=True)
+    (out / "finetune.json").write_text(json.dumps(result, indent=2, default=str))
+    print(json.dumps({k: v for k, v in result.items() if k != "frozen_head"}, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
