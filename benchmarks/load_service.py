@@ -86,7 +86,9 @@ def run_mode(a, batching: bool, images: list[bytes], head: str) -> dict:
         [t.start() for t in ths]
         [t.join() for t in ths]
         before = httpx.get(url + "/metrics").text
-        sent[0], lat.clear(), statuses.clear()
+        sent[0] = 0
+        lat.clear()
+        statuses.clear()
         start = time.perf_counter()
         deadline[0] = time.time() + a.time_limit
         ths = [threading.Thread(target=client, args=(i,)) for i in range(a.clients)]
@@ -115,8 +117,8 @@ def main() -> None:
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--requests", type=int, default=320)
     p.add_argument("--time-limit", type=float, default=90.0)
-    p.add_argument("--max-batch", type=int, default=16)
-    p.add_argument("--max-wait-ms", type=float, default=4.0)
+    p.add_argument("--max-batch", type=int, default=8)
+    p.add_argument("--max-wait-ms", type=float, default=10.0)
     a = p.parse_args()
     files = sorted(f for f in Path(a.images).rglob("*") if f.suffix.lower() in (".png", ".jpg", ".jpeg"))[:256]
     images = [f.read_bytes() for f in files]

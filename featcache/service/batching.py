@@ -4,6 +4,10 @@ Requests put preprocessed images on an asyncio queue; one worker takes the first
 at most ``max_wait_s`` for more (up to ``max_batch``), and runs the embedder on the stack
 in a single model thread. With batching off, each request runs its own forward pass in
 that same thread (one at a time, so torch's threads are never oversubscribed).
+
+Batches are padded up to a few fixed sizes (1, 2, 4, 8, 12, 16, ... ``max_batch``): the frozen
+TorchScript graph re-specialises for every new input shape, which costs far more than
+the padding rows. ``bucket_sizes()`` lists them so the service can warm each one up.
 """
 
 from __future__ import annotations
@@ -57,9 +61,21 @@ class MicroBatcher:
         await self._queue.put((x, fut))
         return await fut
 
+    def bucket_sizes(self) -> list[int]:
+        if not self.enabled:
+            return [1]
+        sizes = [b for b in (1, 2, 4, 8) if b < self.max_batch]
+        sizes += list(range(12, self.max_batch, 4))
+        return sizes + [self.max_batch]
+
     def _forward(self, batch: torch.Tensor) -> dict[str, np.ndarray]:
-        self.on_batch(len(batch))
-        return self.embed(batch)
+        n = len(batch)
+        self.on_batch(n)
+        size = next((b for b in self.bucket_sizes() if b >= n), n)
+        if size > n:
+            batch = torch.cat([batch, batch.new_zeros((size - n, *batch.shape[1:]))])
+        out = self.embed(batch)
+        return {k: v[:n] for k, v in out.items()} if size > n else out
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()

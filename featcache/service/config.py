@@ -18,6 +18,6 @@ class ServiceConfig:
     max_upload_bytes: int = 16 * 1024 * 1024
     max_pixels: int = 40_000_000
     batching: bool = True
-    max_batch: int = 16
-    max_wait_ms: float = 4.0
+    max_batch: int = 8
+    max_wait_ms: float = 10.0
     k_max: int = 100

@@ -62,9 +62,9 @@ class ServiceState:
         self._warm_up()
 
     def _warm_up(self) -> None:
-        """Trace/freeze the model and run each batch shape once, so no request pays for it."""
+        """Trace/freeze the model and run every batch shape the batcher uses twice, so no request pays for it."""
         crop = self.embedder.spec.preprocess.crop
-        for n in (1, 2, 1, self.config.max_batch if self.config.batching else 1):
+        for n in [1] + self.batcher.bucket_sizes() * 2:
             self.embedder.embed(torch.zeros((n, 3, crop, crop), dtype=torch.uint8))
 
     def describe(self) -> dict:
