@@ -112,36 +112,64 @@ class _LinearHead(Head):
 
     loss = "log"
 
-    def _objective(self, logits: torch.Tensor, y: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
+    def _loss_grad(self, X: torch.Tensor, y: torch.Tensor, targets: torch.Tensor | None, W: torch.Tensor,
+                   b: torch.Tensor, lam: float) -> torch.Tensor:
+        """Objective value; gradients written to ``W.grad``/``b.grad`` by hand.
+
+        The two passes over X run in numpy (OpenBLAS), 2-4x faster than torch's MKL on
+        these skinny shapes here; autograd would also form dW as ``X.T @ G``, a transposed
+        product up to ~15x slower than the equivalent ``(G.T @ X).T`` used here.
+        """
+        n = X.shape[0]
+        Xn = X.numpy()
+        Z = torch.from_numpy(Xn @ W.numpy()) + b
         if self.loss == "log":
-            return torch.nn.functional.cross_entropy(logits, y)
-        margins = torch.clamp(1.0 - onehot * logits, min=0.0)  # one-vs-rest, targets +-1
-        return (margins * margins).sum(dim=1).mean()
+            lse = torch.logsumexp(Z, dim=1)
+            loss = (lse - Z.gather(1, y[:, None])[:, 0]).mean()
+            G = torch.softmax(Z, dim=1)
+            G[torch.arange(n), y] -= 1.0
+        else:  # one-vs-rest squared hinge, targets +-1
+            M = torch.clamp(1.0 - targets * Z, min=0.0)
+            loss = (M * M).sum(dim=1).mean()
+            G = -2.0 * targets * M
+        G /= n
+        W.grad = torch.from_numpy(np.ascontiguousarray((G.numpy().T @ Xn).T)) + lam * W
+        b.grad = G.sum(dim=0)
+        return loss + 0.5 * lam * (W * W).sum()
 
     def _lbfgs(self, X: torch.Tensor, y: torch.Tensor, C: float, W: torch.Tensor, b: torch.Tensor,
                max_iter: int) -> int:
         """Minimise mean loss + ||W||^2 / (2 C n) (scikit-learn's scaling of C) in place."""
         n = X.shape[0]
         lam = 1.0 / (C * n)
-        onehot = None
+        targets = None
         if self.loss != "log":
-            onehot = -torch.ones(n, W.shape[1])
-            onehot[torch.arange(n), y] = 1.0
+            targets = -torch.ones(n, W.shape[1])
+            targets[torch.arange(n), y] = 1.0
         opt = torch.optim.LBFGS([W, b], lr=1.0, max_iter=max_iter, history_size=20, tolerance_grad=self.tol,
                                 tolerance_change=1e-9, line_search_fn="strong_wolfe")
 
         def closure():
-            opt.zero_grad()
-            loss = self._objective(torch.addmm(b, X, W), y, onehot) + 0.5 * lam * (W * W).sum()
-            loss.backward()
-            return loss
+            with torch.no_grad():
+                return self._loss_grad(X, y, targets, W, b, lam)
 
         opt.step(closure)
         return int(opt.state[opt._params[0]].get("n_iter", 0))
 
     def fit(self, X, y) -> _LinearHead:
+        from threadpoolctl import threadpool_limits
+
         X = as_features(X)
-        set_threads(self.threads, X.size)
+        blas = self.threads or (1 if X.size < SMALL_WORK else available_cpus())
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)  # torch only runs L-BFGS's small vector ops: threads would just sync
+        try:
+            with threadpool_limits(blas):  # the passes over X run in numpy's BLAS
+                return self._fit(X, y)
+        finally:
+            torch.set_num_threads(before)
+
+    def _fit(self, X: np.ndarray, y) -> _LinearHead:
         y_idx = self._encode(y)
         self.n_features_in_ = X.shape[1]
         mean = X.mean(axis=0)
@@ -150,8 +178,8 @@ class _LinearHead(Head):
         Xs = torch.from_numpy((X - mean) / scale)
         yt = torch.from_numpy(y_idx)
         k, d = len(self.classes_), X.shape[1]
-        W = torch.zeros(d, k, requires_grad=True)
-        b = torch.zeros(k, requires_grad=True)
+        W = torch.zeros(d, k)
+        b = torch.zeros(k)
         self.validation_ = {}
         C = self.C
         if C is None:
@@ -254,9 +282,9 @@ class LogRegHead(_LinearHead):
     kind = "logreg"
     loss = "log"
 
-    def __init__(self, C: float | None = None, Cs: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0),
-                 max_iter: int = 80, path_iter: int = 20, tol: float = 1e-5, val_fraction: float = 0.1,
-                 select_rows: int | None = 15000, random_state: int = 0, threads: int | None = None):
+    def __init__(self, C: float | None = None, Cs: tuple[float, ...] = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0),
+                 max_iter: int = 30, path_iter: int = 10, tol: float = 1e-5, val_fraction: float = 0.1,
+                 select_rows: int | None = 5000, random_state: int = 0, threads: int | None = None):
         self.C = C
         self.Cs = Cs
         self.max_iter = max_iter
@@ -275,8 +303,8 @@ class LinearSVMHead(_LinearHead):
     loss = "squared_hinge"
 
     def __init__(self, C: float | None = None, Cs: tuple[float, ...] = (0.001, 0.003, 0.01, 0.03, 0.1),
-                 max_iter: int = 80, path_iter: int = 20, tol: float = 1e-5, val_fraction: float = 0.1,
-                 select_rows: int | None = 15000, random_state: int = 0, threads: int | None = None):
+                 max_iter: int = 30, path_iter: int = 10, tol: float = 1e-5, val_fraction: float = 0.1,
+                 select_rows: int | None = 5000, random_state: int = 0, threads: int | None = None):
         self.C = C
         self.Cs = Cs
         self.max_iter = max_iter

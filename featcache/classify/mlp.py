@@ -27,7 +27,7 @@ class MLPHead(Head):
 
     def __init__(self, hidden: int = 512, dropout: float = 0.3, lr: float = 1e-3, weight_decay: float = 1e-4,
                  batch_size: int = 512, max_epochs: int = 40, patience: int = 4, val_fraction: float = 0.1,
-                 max_seconds: float | None = 45.0, random_state: int = 0, threads: int | None = None):
+                 max_seconds: float | None = 40.0, random_state: int = 0, threads: int | None = None):
         self.hidden = hidden
         self.dropout = dropout
         self.lr = lr
