@@ -116,7 +116,7 @@ def test_health_info_docs_metrics(client, imagenet_cache):
     assert info["index"]["count"] == 20 and info["index"]["kind"] == "flat"
     assert info["batching"]["enabled"] is True
     text = client.get("/metrics").text
-    assert "featcache_stage_seconds" in text and "featcache_requests_total" in text
+    assert "featcache_stage_seconds" in text and 'featcache_requests_total{route="/v1/info",status="200"}' in text
 
 
 def test_api_key_required_constant_time(served):

@@ -57,7 +57,8 @@ def create_app(config: ServiceConfig) -> FastAPI:
         return JSONResponse({"error": type(exc).__name__, "message": "internal error (logged on the server)"},
                             status_code=500)
 
-    routes = tuple(r.path for r in app.routes if hasattr(r, "path"))
+    routes = ("/healthz", "/readyz", "/metrics", "/v1/embed", "/v1/classify", "/v1/search", "/v1/info",
+              "/docs", "/openapi.json")
     app.add_middleware(RequestMetrics, metrics=metrics, routes=routes)
     app.add_middleware(BodyLimit, max_bytes=config.max_upload_bytes + 64 * 1024)  # room for multipart framing
     return app

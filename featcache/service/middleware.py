@@ -86,6 +86,7 @@ class RequestMetrics:
             return await self.app(scope, receive, send)
         status = 500
         t0 = time.perf_counter()
+        route = self._route(scope.get("path", ""))  # before the app: routing may rewrite scope["path"]
 
         async def recording_send(msg):
             nonlocal status
@@ -96,6 +97,5 @@ class RequestMetrics:
         try:
             await self.app(scope, receive, recording_send)
         finally:
-            route = self._route(scope.get("path", ""))
             self.metrics.requests.labels(route, str(status)).inc()
             self.metrics.latency.labels(route).observe(time.perf_counter() - t0)
