@@ -2,6 +2,7 @@
 
     python benchmarks/accuracy_heads.py              # full: /work/data caches (extracts what is missing)
     python benchmarks/accuracy_heads.py --reduced    # CI-sized: small Fashion-MNIST subset, Tux Paint on Lite0
+    python benchmarks/accuracy_heads.py --fmnist-cache /work/data/fmnist-gpu-cache   # see assemble_fmnist_cache.py
 
 Full mode trains every head on the 60,000 Fashion-MNIST training images of the cache
 (default backbone, final tap), scores the 10,000 test images (targets: best head >= 0.897),
@@ -28,6 +29,7 @@ from featcache.store.cache import FeatureCache
 RESULTS = Path(__file__).parent / "results"
 HEADS = ["logreg", "linear-svm", "knn", "mlp"]
 TARGET_FMNIST, TARGET_TUX = 0.897, 0.88
+REDUCED_FLOOR = 0.82  # --reduced (1,000 training images; Lite0 only) measured 0.867 on both; CI fails below this
 
 
 def _fingerprint_of(cache: str, backbone: str) -> str | None:
@@ -75,12 +77,13 @@ def tux(cache: str, csv: str, backbones: list[str], out: Path, tag: str) -> dict
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--reduced", action="store_true", help="CI size: 1000 train + 300 test Fashion-MNIST, Tux on Lite0")
-    p.add_argument("--work", default="/work/data", help="where data and caches live (full) or are made (reduced)")
+    p.add_argument("--work", help="where data and caches live or are made (default /work/data; "
+                                  "--reduced: bench-data/heads-reduced)")
     p.add_argument("--fmnist-cache", help="default: WORK/fmnist-cache (full) or WORK/fmnist-small/cache (reduced)")
     p.add_argument("--skip-fmnist", action="store_true")
     p.add_argument("--skip-tux", action="store_true")
     a = p.parse_args()
-    work = Path(a.work)
+    work = Path(a.work or ("bench-data/heads-reduced" if a.reduced else "/work/data"))
     RESULTS.mkdir(parents=True, exist_ok=True)
     tag = "_reduced" if a.reduced else ""
     doc: dict = {"mode": "reduced" if a.reduced else "full"}
@@ -102,8 +105,13 @@ def main() -> int:
     out = RESULTS / f"accuracy_heads{tag}.json"
     out.write_text(json.dumps(doc, indent=2, default=float))
     print(f"wrote {out}")
-    met = [doc[k]["met"] for k in ("fashion_mnist", "tuxpaint") if k in doc]
-    return 0 if all(met) or a.reduced else 1
+    if a.reduced:
+        best = [doc["fashion_mnist"]["best_accuracy"]] if "fashion_mnist" in doc else []
+        best += [doc["tuxpaint"]["best"]["cv_accuracy"]] if "tuxpaint" in doc else []
+        ok = all(b >= REDUCED_FLOOR for b in best)
+        print(f"reduced: best accuracies {best}, floor {REDUCED_FLOOR}: {'ok' if ok else 'BELOW FLOOR'}")
+        return 0 if ok else 1
+    return 0 if all(doc[k]["met"] for k in ("fashion_mnist", "tuxpaint") if k in doc) else 1
 
 
 if __name__ == "__main__":
