@@ -65,7 +65,7 @@ def main() -> None:
     step("index the cache for similarity search", "index", "--cache", a.cache, "--out", str(work / "index"))
     key = str(FeatureCache(a.cache).read().keys[np.int64(0)])
     step(f"nearest neighbours of {Path(key).name}", "search", "--index", str(work / "index"), "--key", key, "-k", "5")
-    photos = [str(path) for path, _ in imagenet20()[:3]]
+    photos = [str(path) for path, label in imagenet20() if label in (22, 129, 251)]  # eagle, spoonbill, dalmatian
     step("label new photos with the head", "predict", "--head", str(work / "head"), *photos)
     step("run the extraction again: unchanged collection, no model work", "extract", str(tux), "--cache", a.cache)
     print(f"\nreport: {work / 'report.html'}   cache: {a.cache}   head: {work / 'head'}   index: {work / 'index'}")
