@@ -23,8 +23,6 @@ import os
 import platform
 import re
 import shlex
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,6 +31,7 @@ import faiss
 import httpx
 import numpy as np
 from PIL import Image
+from served import serving
 
 from featcache.datasets import FASHION_CLASSES, fashion_mnist
 from featcache.runtime import available_cpus
@@ -126,30 +125,8 @@ def bench_index(x: np.ndarray, keys, shas, fp: str, attrs: dict, out: Path, rebu
     }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def bench_service(cache: str, index: Path, keys: list[str], n: int, time_limit: float) -> dict:
-    port = _free_port()
-    cmd = [sys.executable, "-m", "featcache.cli", "serve", "--cache", cache, "--index", str(index),
-           "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        t0 = time.time()
-        while True:
-            try:
-                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None or time.time() - t0 > 300:
-                raise RuntimeError("server failed to start: " + proc.stderr.read().decode()[-2000:])
-            time.sleep(0.5)
-        start_s = time.time() - t0
+    with serving("--cache", cache, "--index", str(index), "--device", "cpu") as (url, start_s):
         rng = np.random.default_rng(7)
         picks = [keys[i] for i in rng.choice(len(keys), n, replace=False)]
         lat, server_ms = [], []
@@ -176,9 +153,6 @@ def bench_service(cache: str, index: Path, keys: list[str], n: int, time_limit: 
                 "requests": len(lat), "client_ms": {"p50": pct(lat, 50), "p90": pct(lat, 90), "p99": pct(lat, 99)},
                 "server_search_stage_ms_p50": round(float(np.median(server_ms)), 3), "server_start_seconds": round(start_s, 1),
                 "transport": "HTTP/1.1 keep-alive, httpx, loopback 127.0.0.1, form-encoded key + k=10"}
-    finally:
-        proc.terminate()
-        proc.wait(30)
 
 
 def write_markdown(r: dict) -> None:

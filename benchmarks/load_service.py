@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -22,14 +20,9 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from served import serving
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _metric(text: str, name: str) -> float:
@@ -37,25 +30,11 @@ def _metric(text: str, name: str) -> float:
 
 
 def run_mode(a, batching: bool, images: list[bytes], head: str) -> dict:
-    port = _free_port()
-    cmd = [sys.executable, "-m", "featcache.cli", "serve", "--cache", a.cache, "--head", a.head,
-           "--host", "127.0.0.1", "--port", str(port), "--device", "cpu",
-           "--max-batch", str(a.max_batch), "--max-wait-ms", str(a.max_wait_ms)]
+    args = ["--cache", a.cache, "--head", a.head, "--device", "cpu",
+            "--max-batch", str(a.max_batch), "--max-wait-ms", str(a.max_wait_ms)]
     if not batching:
-        cmd.append("--no-batching")
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        t0 = time.time()
-        while True:
-            try:
-                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None or time.time() - t0 > 300:
-                raise RuntimeError("server failed to start: " + proc.stderr.read().decode()[-2000:])
-            time.sleep(0.5)
+        args.append("--no-batching")
+    with serving(*args) as (url, _):
         lock = threading.Lock()
         sent = [0]
         lat: list[float] = []
@@ -104,9 +83,6 @@ def run_mode(a, batching: bool, images: list[bytes], head: str) -> dict:
                 "latency_ms": {"p50": round(float(np.percentile(lat, 50)) * 1000, 1),
                                "p90": round(float(np.percentile(lat, 90)) * 1000, 1)},
                 "mean_batch": round(n_img / n_fwd, 2) if n_fwd else None}
-    finally:
-        proc.terminate()
-        proc.wait(30)
 
 
 def main() -> None:

@@ -1,0 +1,42 @@
+"""Run ``featcache serve`` on a free loopback port for a benchmark, and stop it afterwards."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serving(*args: str, start_timeout: float = 300) -> Iterator[tuple[str, float]]:
+    """Yield (base URL, seconds to ready) of ``featcache serve ARGS`` on 127.0.0.1."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "featcache.cli", "serve", *args, "--host", "127.0.0.1", "--port", str(port)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        t0 = time.time()
+        while True:
+            try:
+                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if proc.poll() is not None or time.time() - t0 > start_timeout:
+                raise RuntimeError("server failed to start: " + proc.stderr.read().decode()[-2000:])
+            time.sleep(0.5)
+        yield url, time.time() - t0
+    finally:
+        proc.terminate()
+        proc.wait(30)
