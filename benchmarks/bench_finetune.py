@@ -26,19 +26,14 @@ from featcache.extract.pipeline import ExtractConfig, extract
 
 
 def epoch_seconds(ft: Finetuner, acts, paths, y, idx, recompute: bool) -> float:
+    """One training epoch over ``idx``, the frozen prefix read from the cache or recomputed."""
     import torch
 
     _, prefix, suffix = ft.build(int(y.max()) + 1)
     ft.cfg.recompute_prefix = recompute
     opt = torch.optim.AdamW(suffix.parameters(), lr=1e-4)
-    ft._train_mode(suffix, prefix)
     t = time.perf_counter()
-    for s in range(0, len(idx), ft.cfg.batch_size):
-        part = idx[s : s + ft.cfg.batch_size]
-        loss = torch.nn.functional.cross_entropy(suffix(ft._inputs(prefix, acts, paths, part, True)), torch.from_numpy(y[part]))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    ft.train_epoch(prefix, suffix, opt, acts, paths, y, idx)
     return time.perf_counter() - t
 
 
@@ -63,9 +58,10 @@ def main() -> None:
                          epochs=a.epochs, test_source=str(data / "test"))
     ft = Finetuner(cfg)
     t = time.perf_counter()
-    acts, labels, sha, paths = ft.cached_prefix(ft.prefix_embedder())
+    data, paths = ft.cached_prefix(ft.prefix_embedder())
+    acts = data.X
     prefix_seconds = time.perf_counter() - t
-    y = np.searchsorted(sorted(set(labels.tolist())), labels)
+    y = np.searchsorted(sorted(set(data.y.tolist())), data.y)
     idx = np.random.default_rng(0).permutation(len(y))[: a.speed_images]
     cached = epoch_seconds(ft, acts, paths, y, idx, recompute=False)
     recomputed = epoch_seconds(ft, acts, paths, y, idx, recompute=True)

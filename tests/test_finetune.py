@@ -52,8 +52,9 @@ def test_frozen_layers_and_their_batchnorm_stats_are_unchanged(tuned, lite0):
 
 def test_cached_prefix_equals_recomputed_prefix(ft_cache, tmp_path):
     ft = Finetuner(FinetuneConfig(cache=str(ft_cache), out=str(tmp_path / "o"), unfreeze_from="stage5", progress=False))
-    acts, labels, sha, paths = ft.cached_prefix(ft.prefix_embedder())
-    net, prefix, suffix = ft.build(len(set(labels.tolist())))
+    data, paths = ft.cached_prefix(ft.prefix_embedder())
+    acts = data.X
+    net, prefix, suffix = ft.build(len(set(data.y.tolist())))
     idx = np.arange(6)
     cached = ft._inputs(prefix, acts, paths, idx, train=False)
     ft.cfg.recompute_prefix = True

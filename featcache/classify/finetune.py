@@ -37,6 +37,7 @@ from ..extract.pipeline import ExtractConfig, Extraction
 from ..extract.registry import DEFAULT_BACKBONE, resolve
 from ..runtime import available_cpus
 from ..store.cache import FeatureCache
+from .data import Labelled, load_labelled, source_split
 
 
 @dataclass
@@ -135,26 +136,21 @@ class Finetuner:
     def prefix_embedder(self) -> Embedder:
         return Embedder(self.base, [self.raw_tap], "cpu", "fp32")
 
-    def cached_prefix(self, emb: Embedder) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(activations (n, C*H*W), labels, sha256, paths) of the cache's labelled images, computed once."""
+    def cached_prefix(self, emb: Embedder) -> tuple[Labelled, np.ndarray]:
+        """The cache's labelled images with X = prefix activations (n, C*H*W), computed once; and their paths."""
         Extraction(ExtractConfig("", self.cfg.cache, taps=[self.raw_tap], progress=self.cfg.progress), emb).run_cached_images()
         cache = FeatureCache(self.cfg.cache)
-        feats = cache.read(emb.fingerprint, self.raw_tap)
-        keep = feats.labels != ""
+        data = load_labelled(cache, emb.fingerprint, self.raw_tap)
         table = cache.images()
         path_of = dict(zip(table.sha256.tolist(), table.path.tolist()))
-        paths = np.array([path_of[s] for s in feats.sha256[keep]])
-        return feats.vectors[keep], feats.labels[keep], feats.sha256[keep], paths
+        return data, np.array([path_of[s] for s in data.sha256])
 
-    def test_mask(self, sha: np.ndarray) -> np.ndarray:
-        if not self.cfg.test_source:
-            return np.zeros(len(sha), bool)
-        from ..extract.pipeline import _hash_file
-        from ..extract.sources import list_source
-
-        items, _ = list_source(self.cfg.test_source)
-        wanted = {_hash_file(it.path)[0] for it in items}
-        return np.isin(sha, list(wanted))
+    def test_mask(self, data: Labelled) -> np.ndarray:
+        """Rows in ``--test-source`` (matched as ``featcache train`` matches them)."""
+        test = np.zeros(len(data), bool)
+        if self.cfg.test_source:
+            test[source_split(data, self.cfg.test_source)[1]] = True
+        return test
 
     # -- training --------------------------------------------------------------
     def build(self, classes: int) -> tuple[nn.Module, nn.Module, Suffix]:
@@ -192,6 +188,23 @@ class Finetuner:
         with torch.no_grad():
             return prefix(x)
 
+    def train_epoch(self, prefix: nn.Module, suffix: Suffix, opt: torch.optim.Optimizer, acts: np.ndarray,
+                    paths: np.ndarray, y: np.ndarray, order: np.ndarray, sched=None) -> float:
+        """One pass over ``order`` in mini-batches; returns the mean training loss."""
+        self._train_mode(suffix, prefix)
+        loss_fn = nn.CrossEntropyLoss()
+        total = 0.0
+        for s in range(0, len(order), self.cfg.batch_size):
+            part = order[s : s + self.cfg.batch_size]
+            loss = loss_fn(suffix(self._inputs(prefix, acts, paths, part, True)), torch.from_numpy(y[part]))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if sched is not None:
+                sched.step()
+            total += loss.item() * len(part)
+        return total / len(order)
+
     def evaluate(self, prefix, suffix, acts, paths, labels_idx, idx) -> float:
         suffix.eval()
         correct = 0
@@ -206,13 +219,14 @@ class Finetuner:
         cfg = self.cfg
         t0 = time.perf_counter()
         emb = self.prefix_embedder()
-        acts, labels, sha, paths = self.cached_prefix(emb)
+        data, paths = self.cached_prefix(emb)
+        acts, labels = data.X, data.y
         prefix_seconds = time.perf_counter() - t0
         classes = sorted(set(labels.tolist()))
         if len(classes) < 2:
             raise UsageError("fine-tuning needs at least two labelled classes in the cache")
         y = np.searchsorted(classes, labels)
-        test = self.test_mask(sha)
+        test = self.test_mask(data)
         train_idx, val_idx = _split(labels, test, cfg.val_fraction, cfg.seed)
         if cfg.max_train:
             train_idx = np.random.default_rng(cfg.seed).permutation(train_idx)[: cfg.max_train]
@@ -225,26 +239,14 @@ class Finetuner:
         steps_per_epoch = math.ceil(len(train_idx) / cfg.batch_size)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(int(cfg.warmup_epochs * steps_per_epoch),
                                                                   cfg.epochs * steps_per_epoch))
-        loss_fn = nn.CrossEntropyLoss()
         rng = np.random.default_rng(cfg.seed)
         history, best, best_state, stale = [], -1.0, None, 0
         for epoch in range(1, cfg.epochs + 1):
             te = time.perf_counter()
-            self._train_mode(suffix, prefix)
-            order = rng.permutation(train_idx)
-            total = 0.0
-            for s in range(0, len(order), cfg.batch_size):
-                part = order[s : s + cfg.batch_size]
-                x = self._inputs(prefix, acts, paths, part, True)
-                loss = loss_fn(suffix(x), torch.from_numpy(y[part]))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                total += loss.item() * len(part)
+            loss = self.train_epoch(prefix, suffix, opt, acts, paths, y, rng.permutation(train_idx), sched)
             train_seconds = time.perf_counter() - te
             val_acc = self.evaluate(prefix, suffix, acts, paths, y, val_idx) if len(val_idx) else float("nan")
-            row = {"epoch": epoch, "loss": total / len(order), "val_accuracy": val_acc,
+            row = {"epoch": epoch, "loss": loss, "val_accuracy": val_acc,
                    "epoch_seconds": round(train_seconds, 2)}
             history.append(row)
             if cfg.progress:
