@@ -142,8 +142,7 @@ class Extraction:
             embedder = Embedder(backbone, cfg.taps, cfg.device, cfg.precision)
         self.emb = embedder
         self.gpu = self.emb.device.type == "cuda"
-        self.cpus = available_cpus()
-        self.workers = cfg.workers or self.cpus
+        self.workers = cfg.workers or available_cpus()
         self.batch_size = cfg.batch_size or (64 if self.gpu else 8)
         self.timings = Counter()
 
@@ -203,8 +202,8 @@ class Extraction:
         status = group.status()
         have = set(done_rows.tolist())
         catch_from = min(group.tap_rows.values())
-        paths_now = cache.images().path
-        catch_up = [_Work(int(done_rows[r]), Path(paths_now[done_rows[r]]), r, bool(status[r] != STATUS_OK))
+        table = cache.images()  # registered before this point: every row's current path and key
+        catch_up = [_Work(int(done_rows[r]), Path(table.path[done_rows[r]]), r, bool(status[r] != STATUS_OK))
                     for r in range(catch_from, group.rows)]
         new = []
         for image_row, path in source_rows:
@@ -222,9 +221,8 @@ class Extraction:
             self._process(group, new, prog, failures, failed_items, catch_up=False)
         prog.close()
         self.timings["extract"] += time.perf_counter() - t
-        imgs = cache.images()
         for f in failed_items:
-            f["key"] = imgs.key[f.pop("image_row")]
+            f["key"] = table.key[f.pop("image_row")]
         failed_items += unreadable
         return {
             "cache": str(cache.root), "fingerprint": self.emb.fingerprint, "backbone": self.emb.spec.name,

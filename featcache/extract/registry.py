@@ -141,16 +141,12 @@ def _generic(family: str, arch: str) -> BackboneSpec:
 
 def load_backbone_dir(path: Path) -> BackboneSpec:
     meta = json.loads((path / "backbone.json").read_text())
-    pre = meta["preprocess"]
     return BackboneSpec(
         name=str(path),
         family=meta["family"],
         arch=meta["arch"],
         weights=WeightsSource("file", str((path / meta["weights_file"]).resolve()), meta["weights_sha256"]),
-        preprocess=Preprocess(
-            pre["resize"], pre["crop"], pre["interpolation"], tuple(pre["mean"]), tuple(pre["std"]),
-            tuple(pre.get("background", (255, 255, 255))),
-        ),
+        preprocess=Preprocess.from_dict(meta["preprocess"]),
         description=meta.get("description", ""),
         extra={k: meta[k] for k in ("num_classes", "labels") if k in meta},
     )
@@ -158,12 +154,11 @@ def load_backbone_dir(path: Path) -> BackboneSpec:
 
 def spec_from_description(d: dict) -> BackboneSpec:
     """Rebuild a spec from ``BackboneSpec.describe()`` (as stored in caches, heads, indexes)."""
-    w, p = d["weights"], d["preprocess"]
+    w = d["weights"]
     return BackboneSpec(
         name=d["name"], family=d["family"], arch=d["arch"],
         weights=WeightsSource(w["kind"], w.get("ref", ""), w.get("sha256"), w.get("key_map")),
-        preprocess=Preprocess(p["resize"], p["crop"], p["interpolation"], tuple(p["mean"]), tuple(p["std"]),
-                              tuple(p.get("background", (255, 255, 255)))),
+        preprocess=Preprocess.from_dict(d["preprocess"]),
         description=d.get("description", ""),
         extra=d.get("extra", {}),
     )

@@ -27,6 +27,12 @@ class Preprocess:
     background: tuple[int, int, int] = (255, 255, 255)  # transparent pixels composite onto this
 
     @classmethod
+    def from_dict(cls, d: dict) -> Preprocess:
+        """Inverse of ``dataclasses.asdict`` (as stored in JSON manifests)."""
+        return cls(d["resize"], d["crop"], d["interpolation"], tuple(d["mean"]), tuple(d["std"]),
+                   tuple(d.get("background", (255, 255, 255))))
+
+    @classmethod
     def from_crop_pct(cls, size: int, crop_pct: float, interpolation: str, mean, std) -> Preprocess:
         return cls(int(size / crop_pct), size, interpolation, tuple(mean), tuple(std))
 
