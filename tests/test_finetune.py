@@ -40,18 +40,21 @@ def test_frozen_layers_and_their_batchnorm_stats_are_unchanged(tuned, lite0):
     cfg, result = tuned
     tuned_state = load_file(f"{result['backbone_dir']}/weights.safetensors")
     base = lite0.network.state_dict()
-    ft = Finetuner(cfg)
-    frozen = {k for k in base if k.startswith(("conv_stem", "bn1")) or
-              any(k.startswith(f"blocks.{i}.") for i in range(ft.cut))}
-    assert any("running_mean" in k for k in frozen)
+    net, prefix, _ = Finetuner(cfg).build(len(result["classes"]))
+    ids = {id(t) for t in [*prefix.parameters(), *prefix.buffers()]}
+    frozen = {k for k, t in [*net.named_parameters(), *net.named_buffers()] if id(t) in ids}
+    assert "conv_stem.weight" in frozen and "blocks.4.2.bn1.running_mean" in frozen and "blocks.5.0.conv_pw.weight" not in frozen
     for k in frozen:
         assert torch.equal(tuned_state[k], base[k]), f"frozen tensor {k} changed"
     trained = [k for k in base if k.startswith("blocks.6.") and k.endswith("weight")]
     assert any(not torch.equal(tuned_state[k], base[k]) for k in trained), "unfrozen layers did not train"
 
 
-def test_cached_prefix_equals_recomputed_prefix(ft_cache, tmp_path):
-    ft = Finetuner(FinetuneConfig(cache=str(ft_cache), out=str(tmp_path / "o"), unfreeze_from="stage5", progress=False))
+@pytest.mark.parametrize("cut, tap, shape", [("stage5", "raw:stage4", (112, 14, 14)),
+                                             ("block16", "raw:block15", (192, 7, 7))])
+def test_cached_prefix_equals_recomputed_prefix(ft_cache, tmp_path, cut, tap, shape):
+    ft = Finetuner(FinetuneConfig(cache=str(ft_cache), out=str(tmp_path / "o"), unfreeze_from=cut, progress=False))
+    assert (ft.raw_tap, ft.raw_shape) == (tap, shape)
     data, paths = ft.cached_prefix(ft.prefix_embedder())
     acts = data.X
     net, prefix, suffix = ft.build(len(set(data.y.tolist())))
@@ -95,3 +98,12 @@ def test_finetuned_backbone_round_trips_through_extract(tuned, imagenet_dir, tmp
     again = embedder_for(attrs["backbone"], attrs["fingerprint"], device="cpu")
     x = load_image(next(imagenet_dir.rglob("*.jpg")).read_bytes(), spec.preprocess)[None]
     np.testing.assert_allclose(again.embed(x)["final"], emb.embed(x)["final"], atol=1e-5)
+
+
+@pytest.mark.parametrize("cut, message", [("stage1", "nothing would stay frozen"), ("block99", "stage5=block12..16"),
+                                          ("stage9", "no stage or block")])
+def test_bad_cut_is_a_clear_error(cut, message):
+    from featcache.errors import UsageError
+
+    with pytest.raises(UsageError, match=message):
+        Finetuner(FinetuneConfig(cache="unused", out="unused", unfreeze_from=cut, progress=False))

@@ -39,7 +39,8 @@ def load_labelled(cache: FeatureCache, fingerprint: str | None = None, tap: str 
     if keep.sum() == 0:
         raise UsageError(f"cache {cache.root} has no labelled rows for {f.fingerprint}/{tap}; "
                          "extract a folder with class subfolders or a CSV with a label column")
-    return Labelled(f.fingerprint, tap, f.vectors[keep], y[keep], as_labels(f.sha256)[keep], as_labels(f.keys)[keep])
+    vectors = f.vectors if keep.all() else f.vectors[keep]  # no copy of a possibly huge tap when all are labelled
+    return Labelled(f.fingerprint, tap, vectors, y[keep], as_labels(f.sha256)[keep], as_labels(f.keys)[keep])
 
 
 def align(a: Labelled, b: Labelled) -> Labelled:

@@ -1,7 +1,8 @@
 """Partial unfreeze: fine-tune the deeper stages while the early ones stay frozen.
 
-The frozen prefix (every stage before ``unfreeze_from``) runs once per image: its output
-is stored in the Zarr cache as the tap ``raw:stageK`` under the backbone's own
+The frozen prefix (every block before ``unfreeze_from``, a stage or a single block) runs
+once per image: its output is stored in the Zarr cache as the tap ``raw:stageK`` (or
+``raw:blockI`` for a cut inside a stage) under the backbone's own
 fingerprint, so each epoch runs only the unfrozen stages and the new head. With
 ``augment`` the prefix is recomputed on augmented images every epoch instead. With
 ``new_top`` the stages after the cut are re-initialised (the "reuse early layers, train
@@ -30,7 +31,7 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
-from ..extract.backbone import RAW, Backbone, decompose, sha256_file
+from ..extract.backbone import RAW, RAW_BLOCK, Backbone, decompose, sha256_file
 from ..extract.decode import load_image
 from ..extract.embedder import Embedder
 from ..extract.pipeline import ExtractConfig, Extraction
@@ -124,13 +125,13 @@ class Finetuner:
         torch.manual_seed(cfg.seed)
         torch.set_num_threads(available_cpus())
         self.base = Backbone.load(resolve(cfg.backbone, cfg.weights))
-        start = self.base.stage_index(cfg.unfreeze_from)
-        earlier = [i for i in self.base.stage_taps if i < start]
-        if not earlier:
+        start = self.base.first_block(cfg.unfreeze_from)
+        if start == 0:
             raise UsageError(f"--unfreeze-from {cfg.unfreeze_from}: nothing would stay frozen; choose a later stage")
-        self.cut = max(earlier)  # last frozen block
-        self.raw_tap = RAW + self.base.stage_taps[self.cut]
-        self.raw_shape = self.base.shapes[self.raw_tap]
+        self.cut = start - 1  # last frozen block
+        stage = self.base.stage_taps.get(self.cut)
+        self.raw_tap = RAW + stage if stage else f"{RAW_BLOCK}{self.cut}"
+        self.raw_shape = self.base.tap_shape(self.raw_tap)
 
     # -- data ------------------------------------------------------------------
     def prefix_embedder(self) -> Embedder:
@@ -164,6 +165,9 @@ class Finetuner:
         suffix = Suffix(blocks[self.cut + 1 :], pre, clf)
         if self.cfg.new_top:
             _reinit(suffix.blocks)
+        # channels-last runs MobileNet/EfficientNet-style convolutions ~1.4x faster on CPU (training too)
+        prefix.to(memory_format=torch.channels_last)
+        suffix.to(memory_format=torch.channels_last)
         return net, prefix, suffix
 
     def _train_mode(self, suffix: Suffix, prefix: nn.Module) -> None:
@@ -176,7 +180,8 @@ class Finetuner:
 
     def _inputs(self, prefix: nn.Module, acts: np.ndarray, paths: np.ndarray, idx: np.ndarray, train: bool) -> torch.Tensor:
         if not (self.cfg.augment and train) and not self.cfg.recompute_prefix:
-            return torch.from_numpy(acts[idx]).view(len(idx), *self.raw_shape)
+            x = torch.from_numpy(acts[idx]).view(len(idx), *self.raw_shape)
+            return x.contiguous(memory_format=torch.channels_last)
         pre = self.base.spec.preprocess
         imgs = torch.stack([load_image(Path(p).read_bytes(), pre) for p in paths[idx]])
         if self.cfg.augment and train:
@@ -185,6 +190,7 @@ class Finetuner:
             shift = np.random.randint(-8, 9, size=2)
             imgs = torch.roll(imgs, shifts=(int(shift[0]), int(shift[1])), dims=(2, 3))
         x = (imgs.float() / 255 - torch.tensor(pre.mean).view(1, 3, 1, 1)) / torch.tensor(pre.std).view(1, 3, 1, 1)
+        x = x.contiguous(memory_format=torch.channels_last)
         with torch.no_grad():
             return prefix(x)
 
@@ -193,7 +199,7 @@ class Finetuner:
         """One pass over ``order`` in mini-batches; returns the mean training loss."""
         self._train_mode(suffix, prefix)
         loss_fn = nn.CrossEntropyLoss()
-        total = 0.0
+        total, t0, report = 0.0, time.perf_counter(), max(1, len(order) // 10)
         for s in range(0, len(order), self.cfg.batch_size):
             part = order[s : s + self.cfg.batch_size]
             loss = loss_fn(suffix(self._inputs(prefix, acts, paths, part, True)), torch.from_numpy(y[part]))
@@ -203,6 +209,11 @@ class Finetuner:
             if sched is not None:
                 sched.step()
             total += loss.item() * len(part)
+            done = s + len(part)
+            if self.cfg.progress and done // report != s // report and done < len(order):
+                rate = done / (time.perf_counter() - t0)
+                print(f"  {done}/{len(order)} images  loss {total / done:.4f}  {rate:.0f} img/s  "
+                      f"ETA {(len(order) - done) / rate:.0f}s", flush=True)
         return total / len(order)
 
     def evaluate(self, prefix, suffix, acts, paths, labels_idx, idx) -> float:

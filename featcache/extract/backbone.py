@@ -130,6 +130,7 @@ def load_network(spec: BackboneSpec) -> tuple[nn.Module, str]:
 
 
 RAW = "raw:"  # tap prefix: the stage's unpooled activations, flattened (the input of a partial fine-tune)
+RAW_BLOCK = RAW + "block"  # raw:blockI: block I's output, for a fine-tune cut inside a stage
 
 
 class TapModel(nn.Module):
@@ -138,7 +139,8 @@ class TapModel(nn.Module):
     ``taps`` maps a block index to its stage name. A wanted ``stageN`` is that block's
     output, globally average-pooled; ``raw:stageN`` is the same output flattened, unpooled;
     ``final`` is ``pre_logits`` of the last block (pooling plus whatever the architecture
-    applies before its classifier). Blocks after the deepest wanted tap are not run.
+    applies before its classifier); ``raw:blockI`` is block I's output, flattened. Blocks
+    after the deepest wanted tap are not run.
     """
 
     def __init__(self, blocks: list[nn.Module], taps: dict[int, str], pre_logits: nn.Module, wanted: list[str]):
@@ -148,6 +150,9 @@ class TapModel(nn.Module):
             for name, raw in ((stage, False), (RAW + stage, True)):
                 if name in wanted:
                     self.outputs.setdefault(i, []).append((name, raw))
+        for name in wanted:
+            if name.startswith(RAW_BLOCK):
+                self.outputs.setdefault(int(name[len(RAW_BLOCK):]), []).append((name, True))
         self.run_all = "final" in wanted
         last = max(self.outputs, default=-1)
         self.blocks = nn.ModuleList(blocks if self.run_all else blocks[: last + 1])
@@ -222,6 +227,8 @@ def decompose(spec: BackboneSpec, model: nn.Module) -> tuple[list[nn.Module], di
         if not hasattr(model, "blocks") and not hasattr(model, "stages"):
             raise UsageError(f"timm:{spec.arch} has no blocks/stages sequence featcache can tap")
         seq = list(getattr(model, "blocks", None) or model.stages)
+        # one entry per block (EfficientNet/MobileNet stages are Sequentials), so a fine-tune can cut inside a stage
+        seq = [b for s in seq for b in (s if isinstance(s, nn.Sequential) else [s])]
         stem = _TimmStem(model, ["conv_stem", "bn1", "stem"])
         blocks = [stem, *seq]
         tail = ["conv_head", "bn2", "norm_pre"]
@@ -229,9 +236,9 @@ def decompose(spec: BackboneSpec, model: nn.Module) -> tuple[list[nn.Module], di
         taps = _reduction_taps(blocks, size)
         return blocks, taps, pre, model.get_classifier()
     m = model
-    if hasattr(m, "layer4"):  # resnet, resnext, wide_resnet
-        blocks = [nn.Sequential(m.conv1, m.bn1, m.relu, m.maxpool), m.layer1, m.layer2, m.layer3, m.layer4]
-        return blocks, {1: "stage1", 2: "stage2", 3: "stage3", 4: "stage4"}, _PoolFlatten(), m.fc
+    if hasattr(m, "layer4"):  # resnet, resnext, wide_resnet: one entry per bottleneck
+        blocks = [nn.Sequential(m.conv1, m.bn1, m.relu, m.maxpool), *m.layer1, *m.layer2, *m.layer3, *m.layer4]
+        return blocks, _reduction_taps(blocks, size), _PoolFlatten(), m.fc
     if hasattr(m, "trunk_output"):  # regnet
         blocks = [m.stem, *m.trunk_output]
         return blocks, _reduction_taps(blocks, size), _PoolFlatten(), m.fc
@@ -261,6 +268,7 @@ class Backbone:
     pre_logits: nn.Module
     classifier: nn.Module | None
     shapes: dict[str, tuple[int, ...]]  # tap -> per-image output shape (C,) or (C, H, W) for raw taps
+    block_shapes: list[tuple[int, ...]]  # each block's output (C, H, W)
 
     @classmethod
     def load(cls, spec: BackboneSpec) -> Backbone:
@@ -268,31 +276,52 @@ class Backbone:
         blocks, taps, pre, clf = decompose(spec, network)
         size = spec.preprocess.crop
         shapes: dict[str, tuple[int, ...]] = {}
+        block_shapes = []
         x = torch.zeros(1, 3, size, size)
         with torch.no_grad():
             for i, block in enumerate(blocks):
                 x = block(x)
+                block_shapes.append(tuple(x.shape[1:]))
                 if i in taps:
                     shapes[taps[i]], shapes[RAW + taps[i]] = (x.shape[1],), tuple(x.shape[1:])
             shapes["final"] = tuple(pre(x).shape[1:])
-        return cls(spec, network, digest, blocks, taps, pre, clf, shapes)
+        return cls(spec, network, digest, blocks, taps, pre, clf, shapes, block_shapes)
 
     @property
     def tap_names(self) -> list[str]:
         return list(self.shapes)
 
-    def stage_index(self, stage: str) -> int:
-        """Block index whose output is ``stage``."""
-        for i, name in self.stage_taps.items():
-            if name == stage:
-                return i
-        raise UsageError(f"{self.spec.name} has no stage {stage!r}; stages: {list(self.stage_taps.values())}")
+    def tap_shape(self, tap: str) -> tuple[int, ...]:
+        if tap.startswith(RAW_BLOCK) and tap[len(RAW_BLOCK):].isdigit() and int(tap[len(RAW_BLOCK):]) < len(self.blocks):
+            return self.block_shapes[int(tap[len(RAW_BLOCK):])]
+        if tap not in self.shapes:
+            raise UsageError(f"unknown tap {tap!r} for {self.spec.name}; available: {self.tap_names} "
+                             f"and raw:block0..raw:block{len(self.blocks) - 1}")
+        return self.shapes[tap]
+
+    def stage_blocks(self) -> dict[str, range]:
+        """Stage name -> the block indices it spans."""
+        out, first = {}, 0
+        for last, name in sorted(self.stage_taps.items()):
+            out[name] = range(first, last + 1)
+            first = last + 1
+        return out
+
+    def first_block(self, where: str) -> int:
+        """Block index of ``stageN`` (its first block) or ``blockI``."""
+        stages = self.stage_blocks()
+        if where in stages:
+            return stages[where].start
+        if where.startswith("block") and where[5:].isdigit() and int(where[5:]) < len(self.blocks):
+            return int(where[5:])
+        spans = ", ".join(f"{k}=block{r.start}..{r.stop - 1}" for k, r in stages.items())
+        raise UsageError(f"{self.spec.name} has no stage or block {where!r}: use a stage or block0..block"
+                         f"{len(self.blocks) - 1} ({spans})")
 
     def tap_model(self, taps: list[str]) -> TapModel:
-        unknown = sorted(set(taps) - set(self.tap_names))
-        if unknown:
-            raise UsageError(f"unknown tap(s) {unknown} for {self.spec.name}; available: {self.tap_names}")
+        for t in taps:
+            self.tap_shape(t)
         return TapModel(self.blocks, self.stage_taps, self.pre_logits, taps).eval()
 
-    def tap_dims(self) -> dict[str, int]:
-        return {k: math.prod(v) for k, v in self.shapes.items()}
+    def tap_dims(self, taps: list[str] | None = None) -> dict[str, int]:
+        return {k: math.prod(self.tap_shape(k)) for k in (taps or self.shapes)}

@@ -191,7 +191,7 @@ class Extraction:
     def _extract_rows(self, cache: FeatureCache, source_rows: list[tuple[int, Path]], files: int,
                       duplicates: int = 0, unreadable: list[dict] | None = None) -> dict:
         unreadable = unreadable or []
-        tap_dims = {k: v for k, v in self.emb.backbone.tap_dims().items() if k in self.emb.taps}
+        tap_dims = self.emb.backbone.tap_dims(self.emb.taps)
         group = cache.feature_group(self.emb.fingerprint, self.emb.canon, self.emb.spec.describe(), tap_dims)
         # Taps already in the group are always computed too, so all taps advance together.
         all_taps = sorted(group.taps)

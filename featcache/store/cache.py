@@ -191,7 +191,9 @@ class FeatureCache:
         imgs = self.images()
         keep = np.ones(n, bool) if include_failed else status == STATUS_OK
         idx = image[keep]
-        return Features(fp, tap, np.ascontiguousarray(vectors[keep]), imgs.sha256[idx], imgs.key[idx],
+        if not keep.all():  # a raw-activation tap can be gigabytes: copy only when rows are dropped
+            vectors = vectors[keep]
+        return Features(fp, tap, np.ascontiguousarray(vectors), imgs.sha256[idx], imgs.key[idx],
                         imgs.label[idx], status[keep], errors[keep])
 
     def info(self) -> dict:
