@@ -88,7 +88,7 @@ def main() -> None:
         ft.cfg.recompute_prefix = False
         tuned = ft.run()
         head, _ = train(TrainConfig(cache=str(cache), out=str(work / "head"), test_source=test_source))
-        result.update({"finetune": {k: tuned[k] for k in ("best_val_accuracy", "test_accuracy", "train_seconds", "history")},
+        result.update({"finetune": {k: tuned[k] for k in ("best_val_accuracy", "test_accuracy", "train_seconds", "wall_seconds", "history")},
                        "frozen_head": head})
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)

@@ -126,7 +126,7 @@ def bench_index(x: np.ndarray, keys, shas, fp: str, attrs: dict, out: Path, rebu
 
 
 def bench_service(cache: str, index: Path, keys: list[str], n: int, time_limit: float) -> dict:
-    with serving("--cache", cache, "--index", str(index), "--device", "cpu") as (url, start_s):
+    with serving("--cache", cache, "--index", str(index), "--device", "cpu") as (url, start_s, _):
         rng = np.random.default_rng(7)
         picks = [keys[i] for i in rng.choice(len(keys), n, replace=False)]
         lat, server_ms = [], []
@@ -205,10 +205,16 @@ clients send real images ({ld['images']}) to `POST /v1/classify` on 127.0.0.1, b
 | batching off | {off['ok']}/{off['requests']} | {off['throughput_rps']} req/s | {off['latency_ms']['p50']} / {off['latency_ms']['p90']} ms | {off['mean_batch']} |
 
 Throughput ratio on/off: **{ld['throughput_ratio']}x** (target >= 2x: **{'met' if (ld['throughput_ratio'] or 0) >= 2 else 'NOT met'}**).
-What limits it on this box: a forward pass of 8 images costs ~0.4 s versus ~70 ms for one, so batching saves
-only ~1.3x of model time per image (52 vs 69 ms) on 2 shared cores (the convolutions already keep both cores busy at batch 1),
-and batches of 16 were slower per image than batches of 8 here. Batch sizes are padded to fixed shapes because
-the frozen TorchScript graph re-specialises (seconds) for every new batch size - without that, batching lost.
+CPU time per request (server / load generator): on {on.get('server_cpu_ms_per_request', '?')} /
+{on.get('client_cpu_ms_per_request', '?')} ms, off {off.get('server_cpu_ms_per_request', '?')} /
+{off.get('client_cpu_ms_per_request', '?')} ms. What limits it: the model's own batching gain. Idle, the frozen
+Lite0 graph runs ~77 img/s at batch 8 and ~31 img/s at batch 1 on these 2 cores (26 vs 64 ms of CPU per image),
+so batching can save at most ~2.5x of model time; everything else in a request (HTTP, multipart, decode, head,
+JSON: ~3.5 ms of server CPU) and the load generator (~3.3 ms) share the same two cores, which leaves the batched
+server at ~70 % of the batch-8 model ceiling. Batches are padded to fixed sizes because the frozen TorchScript
+graph re-specialises (seconds) for every new batch size; batches of 16 were slower per request than batches of 8
+(padding 9 to 12, longer waits). A kNN head costs more than batching saves (exact search over its references
+per request), hence the 1.26x row below; heads now run off the event loop.
 """
         tuning_file = ROOT / "benchmarks" / "results" / "service_load_tuning.json"
         if tuning_file.is_file():

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import threading
 import time
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from served import serving
+from served import cpu_seconds, serving
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,7 +35,7 @@ def run_mode(a, batching: bool, images: list[bytes], head: str) -> dict:
             "--max-batch", str(a.max_batch), "--max-wait-ms", str(a.max_wait_ms)]
     if not batching:
         args.append("--no-batching")
-    with serving(*args) as (url, _):
+    with serving(*args) as (url, _, pid):
         lock = threading.Lock()
         sent = [0]
         lat: list[float] = []
@@ -65,6 +66,7 @@ def run_mode(a, batching: bool, images: list[bytes], head: str) -> dict:
         [t.start() for t in ths]
         [t.join() for t in ths]
         before = httpx.get(url + "/metrics").text
+        cpu0 = cpu_seconds(pid), sum(os.times()[:2])
         sent[0] = 0
         lat.clear()
         statuses.clear()
@@ -74,6 +76,7 @@ def run_mode(a, batching: bool, images: list[bytes], head: str) -> dict:
         [t.start() for t in ths]
         [t.join() for t in ths]
         elapsed = time.perf_counter() - start
+        server_cpu, client_cpu = cpu_seconds(pid) - cpu0[0], sum(os.times()[:2]) - cpu0[1]
         after = httpx.get(url + "/metrics").text
         n_fwd = _metric(after, "featcache_batch_size_count") - _metric(before, "featcache_batch_size_count")
         n_img = _metric(after, "featcache_batch_size_sum") - _metric(before, "featcache_batch_size_sum")
@@ -82,7 +85,10 @@ def run_mode(a, batching: bool, images: list[bytes], head: str) -> dict:
                 "seconds": round(elapsed, 2), "throughput_rps": round(ok / elapsed, 2),
                 "latency_ms": {"p50": round(float(np.percentile(lat, 50)) * 1000, 1),
                                "p90": round(float(np.percentile(lat, 90)) * 1000, 1)},
-                "mean_batch": round(n_img / n_fwd, 2) if n_fwd else None}
+                "mean_batch": round(n_img / n_fwd, 2) if n_fwd else None,
+                # CPU time per request: where the 2 cores go (the load generator shares them)
+                "server_cpu_ms_per_request": round(server_cpu / max(1, len(lat)) * 1000, 1),
+                "client_cpu_ms_per_request": round(client_cpu / max(1, len(lat)) * 1000, 1)}
 
 
 def main() -> None:

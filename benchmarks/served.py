@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import subprocess
 import sys
@@ -18,9 +19,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (Linux /proc)."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @contextlib.contextmanager
-def serving(*args: str, start_timeout: float = 300) -> Iterator[tuple[str, float]]:
-    """Yield (base URL, seconds to ready) of ``featcache serve ARGS`` on 127.0.0.1."""
+def serving(*args: str, start_timeout: float = 300) -> Iterator[tuple[str, float, int]]:
+    """Yield (base URL, seconds to ready, server pid) of ``featcache serve ARGS`` on 127.0.0.1."""
     port = free_port()
     cmd = [sys.executable, "-m", "featcache.cli", "serve", *args, "--host", "127.0.0.1", "--port", str(port)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -36,7 +43,7 @@ def serving(*args: str, start_timeout: float = 300) -> Iterator[tuple[str, float
             if proc.poll() is not None or time.time() - t0 > start_timeout:
                 raise RuntimeError("server failed to start: " + proc.stderr.read().decode()[-2000:])
             time.sleep(0.5)
-        yield url, time.time() - t0
+        yield url, time.time() - t0, proc.pid
     finally:
         proc.terminate()
         proc.wait(30)

@@ -319,7 +319,8 @@ def cmd_finetune(args: argparse.Namespace) -> dict:
 
     cfg = FinetuneConfig(
         cache=args.cache, out=args.out, unfreeze_from=args.unfreeze_from, backbone=args.backbone,
-        weights=args.weights, epochs=args.epochs, warmup_epochs=args.warmup_epochs, lr=args.lr, backbone_lr_mult=args.backbone_lr_mult,
+        weights=args.weights, epochs=args.epochs, warmup_epochs=args.warmup_epochs, lr=args.lr,
+        backbone_lr_mult=args.backbone_lr_mult,
         augment=args.augment, new_top=args.new_top, bn=args.bn, batch_size=args.batch_size,
         test_source=args.test_source, seed=args.seed, patience=args.patience, progress=not args.json,
     )
@@ -447,7 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--cache", default="featcache-cache")
     sp.add_argument("--backbone", default="efficientnet_lite0")
     sp.add_argument("--weights")
-    sp.add_argument("--unfreeze-from", required=True, help="first trainable stage (stage5) or block (block15); everything before stays frozen")
+    sp.add_argument("--unfreeze-from", required=True,
+                    help="first trainable stage (stage5) or block (block16); everything before stays frozen")
     sp.add_argument("--epochs", type=int, default=10)
     sp.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warm-up length (then cosine decay)")
     sp.add_argument("--lr", type=float, default=3e-3, help="learning rate of the new head")

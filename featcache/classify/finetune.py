@@ -275,7 +275,8 @@ class Finetuner:
         result = {"classes": classes, "train": len(train_idx), "val": len(val_idx), "test": int(test.sum()),
                   "best_val_accuracy": best, "test_accuracy": test_acc, "history": history,
                   "prefix_tap": self.raw_tap, "prefix_seconds": round(prefix_seconds, 2),
-                  "train_seconds": round(sum(h["epoch_seconds"] for h in history), 2)}
+                  "train_seconds": round(sum(h["epoch_seconds"] for h in history), 2),
+                  "wall_seconds": round(time.perf_counter() - t0, 1)}  # prefix, epochs, validation and test
         result["backbone_dir"] = self.save(net.eval(), classes, result)
         return result
 

@@ -292,8 +292,10 @@ class Backbone:
         return list(self.shapes)
 
     def tap_shape(self, tap: str) -> tuple[int, ...]:
-        if tap.startswith(RAW_BLOCK) and tap[len(RAW_BLOCK):].isdigit() and int(tap[len(RAW_BLOCK):]) < len(self.blocks):
-            return self.block_shapes[int(tap[len(RAW_BLOCK):])]
+        """Per-image output shape of a tap; raises a UsageError naming the valid taps."""
+        index = tap[len(RAW_BLOCK):] if tap.startswith(RAW_BLOCK) else ""
+        if index.isdigit() and int(index) < len(self.blocks):
+            return self.block_shapes[int(index)]
         if tap not in self.shapes:
             raise UsageError(f"unknown tap {tap!r} for {self.spec.name}; available: {self.tap_names} "
                              f"and raw:block0..raw:block{len(self.blocks) - 1}")
