@@ -1,12 +1,14 @@
 """Classify throughput with and without micro-batching: 16 concurrent clients on loopback.
 
-    python benchmarks/load_service.py --cache /work/data/fmnist-cache --head fm=HEAD_DIR \
-        --images /work/data/fmnist/test --clients 16 --requests 320 --time-limit 90
+    python benchmarks/load_service.py --cache /work/data/fmnist-gpu-cache --head fm=HEAD_DIR \
+        --images /work/data/fmnist/test --clients 16 --requests 480 --time-limit 90
 
 Starts ``featcache serve`` on 127.0.0.1 (a free port) twice, batching on then off, each time
 sending at most ``--requests`` classify requests (real images) from ``--clients`` threads,
-stopping early at ``--time-limit`` seconds. Writes benchmarks/results/service_load.json and
-refreshes the "Search and service (issue 4)" section of BENCHMARKS.md.
+stopping early at ``--time-limit`` seconds; records the CPU time per request of the server and
+of the load generator. HEAD_DIR: a ``featcache train`` bundle (the default logreg head).
+Writes benchmarks/results/service_load.json and refreshes the "Search and service (issue 4)"
+section of BENCHMARKS.md.
 """
 
 from __future__ import annotations
