@@ -209,11 +209,11 @@ CPU time per request (server / load generator): on {on.get('server_cpu_ms_per_re
 {on.get('client_cpu_ms_per_request', '?')} ms, off {off.get('server_cpu_ms_per_request', '?')} /
 {off.get('client_cpu_ms_per_request', '?')} ms. What limits it: the model's own batching gain. Idle, the frozen
 Lite0 graph runs ~77 img/s at batch 8 and ~31 img/s at batch 1 on these 2 cores (26 vs 64 ms of CPU per image),
-so batching can save at most ~2.5x of model time; everything else in a request (HTTP, multipart, decode, head,
-JSON: ~3.5 ms of server CPU) and the load generator (~3.3 ms) share the same two cores, which leaves the batched
-server at ~70 % of the batch-8 model ceiling. Batches are padded to fixed sizes because the frozen TorchScript
-graph re-specialises (seconds) for every new batch size; batches of 16 were slower per request than batches of 8
-(padding 9 to 12, longer waits). A kNN head costs more than batching saves (exact search over its references
+so batching can save at most ~2.5x of model time, and less at other sizes: batch 16 and batch 4 cost more server
+CPU per request than batch 8 (rows below). Everything else in a request (HTTP, multipart, decode, head, JSON:
+~3.5 ms of server CPU) shares the same two cores with the model's threads; the batched server reaches ~75 % of
+the batch-8 model ceiling. Batches are padded to fixed sizes because the frozen TorchScript graph re-specialises
+(seconds) for every new batch size. A kNN head costs more than batching saves (exact search over its references
 per request), hence the 1.26x row below; heads now run off the event loop.
 """
         tuning_file = ROOT / "benchmarks" / "results" / "service_load_tuning.json"

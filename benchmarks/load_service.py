@@ -4,7 +4,8 @@
         --images /work/data/fmnist/test --clients 16 --requests 480 --time-limit 90
 
 Starts ``featcache serve`` on 127.0.0.1 (a free port) twice, batching on then off, each time
-sending at most ``--requests`` classify requests (real images) from ``--clients`` threads,
+sending at most ``--requests`` classify requests (real images) over ``--clients`` concurrent
+keep-alive connections (a lean asyncio client),
 stopping early at ``--time-limit`` seconds; records the CPU time per request of the server and
 of the load generator. HEAD_DIR: a ``featcache train`` bundle (the default logreg head).
 Writes benchmarks/results/service_load.json and refreshes the "Search and service (issue 4)"
@@ -14,10 +15,10 @@ section of BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -32,51 +33,64 @@ def _metric(text: str, name: str) -> float:
     return float(next(ln.split()[-1] for ln in text.splitlines() if ln.startswith(name + " ")))
 
 
+def classify_request(port: int, image: bytes, head: str) -> bytes:
+    """A complete HTTP/1.1 multipart POST /v1/classify, encoded once so the client spends no CPU on it."""
+    b = "featcache-load-boundary"
+    body = (f'--{b}\r\nContent-Disposition: form-data; name="head"\r\n\r\n{head}\r\n'
+            f'--{b}\r\nContent-Disposition: form-data; name="image"; filename="x.png"\r\n'
+            f"Content-Type: image/png\r\n\r\n").encode() + image + f"\r\n--{b}--\r\n".encode()
+    return (f"POST /v1/classify HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            f"Content-Type: multipart/form-data; boundary={b}\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+async def load(port: int, requests: list[bytes], clients: int, total: int, time_limit: float
+               ) -> tuple[list[float], dict[int, int]]:
+    """``clients`` keep-alive connections send ``requests`` in turn until ``total`` are sent or time is up.
+
+    A lean asyncio HTTP/1.1 client: the load generator shares the two cores with the server, so it
+    should cost as little CPU per request as possible (httpx in threads cost ~4 ms per request).
+    """
+    deadline = time.perf_counter() + time_limit
+    sent, lat, statuses = 0, [], {}
+
+    async def client(i: int) -> None:
+        nonlocal sent
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        j = i
+        try:
+            while sent < total and time.perf_counter() < deadline:
+                sent += 1
+                t = time.perf_counter()
+                writer.write(requests[j % len(requests)])
+                j += clients
+                status = int((await reader.readline()).split()[1])
+                length = 0
+                while (line := await reader.readline()) not in (b"\r\n", b""):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                await reader.readexactly(length)
+                lat.append(time.perf_counter() - t)
+                statuses[status] = statuses.get(status, 0) + 1
+        finally:
+            writer.close()
+
+    await asyncio.gather(*(client(i) for i in range(clients)))
+    return lat, statuses
+
+
 def run_mode(a, batching: bool, images: list[bytes], head: str) -> dict:
     args = ["--cache", a.cache, "--head", a.head, "--device", "cpu",
             "--max-batch", str(a.max_batch), "--max-wait-ms", str(a.max_wait_ms)]
     if not batching:
         args.append("--no-batching")
     with serving(*args) as (url, _, pid):
-        lock = threading.Lock()
-        sent = [0]
-        lat: list[float] = []
-        statuses: dict[int, int] = {}
-        deadline = [0.0]
-
-        def client(i: int) -> None:
-            with httpx.Client(base_url=url, timeout=120) as c:
-                j = i
-                while True:
-                    with lock:
-                        if sent[0] >= a.requests or time.time() > deadline[0]:
-                            return
-                        sent[0] += 1
-                    data = images[j % len(images)]
-                    j += a.clients
-                    t = time.perf_counter()
-                    r = c.post("/v1/classify", files={"image": ("x.png", data, "image/png")}, data={"head": head})
-                    dt = time.perf_counter() - t
-                    with lock:
-                        lat.append(dt)
-                        statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
-
-        # warm-up: one round of concurrent requests (not counted)
-        deadline[0] = time.time() + 60
-        sent[0] = a.requests - a.clients
-        ths = [threading.Thread(target=client, args=(i,)) for i in range(a.clients)]
-        [t.start() for t in ths]
-        [t.join() for t in ths]
+        port = int(url.rsplit(":", 1)[1])
+        requests = [classify_request(port, data, head) for data in images]
+        asyncio.run(load(port, requests, a.clients, a.clients, 60))  # warm-up round, not counted
         before = httpx.get(url + "/metrics").text
         cpu0 = cpu_seconds(pid), sum(os.times()[:2])
-        sent[0] = 0
-        lat.clear()
-        statuses.clear()
         start = time.perf_counter()
-        deadline[0] = time.time() + a.time_limit
-        ths = [threading.Thread(target=client, args=(i,)) for i in range(a.clients)]
-        [t.start() for t in ths]
-        [t.join() for t in ths]
+        lat, statuses = asyncio.run(load(port, requests, a.clients, a.requests, a.time_limit))
         elapsed = time.perf_counter() - start
         server_cpu, client_cpu = cpu_seconds(pid) - cpu0[0], sum(os.times()[:2]) - cpu0[1]
         after = httpx.get(url + "/metrics").text
