@@ -16,6 +16,7 @@ sends bounded sequential search-by-key requests, and stops it.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import hashlib
 import io
 import json
@@ -26,12 +27,13 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlencode
 
 import faiss
 import httpx
 import numpy as np
 from PIL import Image
-from served import serving
+from served import http_post, send, serving
 
 from featcache.datasets import FASHION_CLASSES, fashion_mnist
 from featcache.runtime import available_cpus
@@ -129,20 +131,18 @@ def bench_service(cache: str, index: Path, keys: list[str], n: int, time_limit: 
     with serving("--cache", cache, "--index", str(index), "--device", "cpu") as (url, start_s, _):
         rng = np.random.default_rng(7)
         picks = [keys[i] for i in rng.choice(len(keys), n, replace=False)]
+        port = int(url.rsplit(":", 1)[1])
+        requests = [http_post(port, "/v1/search", urlencode({"key": key, "k": "10"}).encode(),
+                              "application/x-www-form-urlencoded") for key in picks]
+        asyncio.run(send(port, requests[:20], 1, 20, 60))  # warm-up
+        replies = asyncio.run(send(port, requests[20:], 1, len(requests) - 20, time_limit))  # one at a time
         lat, server_ms = [], []
-        with httpx.Client(base_url=url, timeout=30) as c:
-            for key in picks[:20]:  # warm-up (connection, thread pool)
-                c.post("/v1/search", data={"key": key, "k": "10"})
-            deadline = time.time() + time_limit
-            for key in picks[20:]:
-                t = time.perf_counter()
-                r = c.post("/v1/search", data={"key": key, "k": "10"})
-                lat.append(time.perf_counter() - t)
-                assert r.status_code == 200 and len(r.json()["hits"]) == 10, r.text
-                server_ms.append(r.json()["timings_ms"]["search"])
-                if time.time() > deadline:
-                    break
-            metrics = c.get("/metrics").text
+        for seconds, status, body in replies:
+            r = json.loads(body)
+            assert status == 200 and len(r["hits"]) == 10, body
+            lat.append(seconds)
+            server_ms.append(r["timings_ms"]["search"])
+        metrics = httpx.get(url + "/metrics").text
         srv = {}
         for name in ("sum", "count"):
             found = [ln for ln in metrics.splitlines()
@@ -152,7 +152,7 @@ def bench_service(cache: str, index: Path, keys: list[str], n: int, time_limit: 
         return {"server_request_ms_mean": mean,
                 "requests": len(lat), "client_ms": {"p50": pct(lat, 50), "p90": pct(lat, 90), "p99": pct(lat, 99)},
                 "server_search_stage_ms_p50": round(float(np.median(server_ms)), 3), "server_start_seconds": round(start_s, 1),
-                "transport": "HTTP/1.1 keep-alive, httpx, loopback 127.0.0.1, form-encoded key + k=10"}
+                "transport": "HTTP/1.1 keep-alive, lean asyncio client (benchmarks/served.py), loopback 127.0.0.1, form-encoded key + k=10"}
 
 
 def write_markdown(r: dict) -> None:
@@ -180,15 +180,13 @@ extraction of `/work/data/fmnist-cache` ran at ~6 img/s on this shared 2-core bo
 | approximate single query, 1 thread: p50 / p90 / p99 | {i['approx_single_query_ms']['p50']} / {i['approx_single_query_ms']['p90']} / {i['approx_single_query_ms']['p99']} ms |
 | exact single query, 1 thread, 70k: p50 | {i['exact_single_query_ms_70k']['p50']} ms |
 | exact single query, 1 thread, 100k: p50 | {i['exact_single_query_ms_100k']['p50']} ms |
-| service search-by-key, client-side p50 / p90 / p99 ({s['requests']} sequential requests) | {s['client_ms']['p50']} / {s['client_ms']['p90']} / {s['client_ms']['p99']} ms |
+| service search-by-key, client-side p50 / p90 / p99 ({s['requests']} sequential requests, lean asyncio client) | {s['client_ms']['p50']} / {s['client_ms']['p90']} / {s['client_ms']['p99']} ms |
 | of which inside the server (ASGI in to out, mean) / the search stage (p50) | {s.get('server_request_ms_mean') or 'n/a'} ms / {s['server_search_stage_ms_p50']} ms |
 
 Targets: approximate p50 <= 0.5 ms at recall@10 >= 0.99: **{'met' if r['targets']['approx'] else 'NOT met'}**;
 search-by-key through the service p50 <= 5 ms: **{'met' if r['targets']['service'] else 'NOT met'}**.
-The background extraction and another engineer's jobs shared the 2 cores during these runs
-(1-minute load average {r.get('loadavg_at_end', '?')} at the end). {r.get('note', '')} Contention shows in the
-tails (approximate p90 ~4 ms is the process waiting for a core, not the search) and in exact search
-(~54 ms here for 70k vs ~16 ms on an idle core). efSearch is the smallest value on the ladder 16, 24, 32, 48, ...
+1-minute load average at the end of the run: {r.get('loadavg_at_end', '?')}. {r.get('note', '')}
+efSearch is the smallest value on the ladder 16, 24, 32, 48, ...
 whose recall@10 on 1000 tuning queries reaches 0.99; recall is then reported on 1000 other held-out vectors.
 """
     load_file = ROOT / "benchmarks" / "results" / "service_load.json"

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from served import cpu_seconds, serving
+from served import cpu_seconds, http_post, send, serving
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,48 +34,12 @@ def _metric(text: str, name: str) -> float:
 
 
 def classify_request(port: int, image: bytes, head: str) -> bytes:
-    """A complete HTTP/1.1 multipart POST /v1/classify, encoded once so the client spends no CPU on it."""
+    """A complete multipart POST /v1/classify, encoded once so the client spends no CPU on it."""
     b = "featcache-load-boundary"
     body = (f'--{b}\r\nContent-Disposition: form-data; name="head"\r\n\r\n{head}\r\n'
             f'--{b}\r\nContent-Disposition: form-data; name="image"; filename="x.png"\r\n'
             f"Content-Type: image/png\r\n\r\n").encode() + image + f"\r\n--{b}--\r\n".encode()
-    return (f"POST /v1/classify HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-            f"Content-Type: multipart/form-data; boundary={b}\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
-
-
-async def load(port: int, requests: list[bytes], clients: int, total: int, time_limit: float
-               ) -> tuple[list[float], dict[int, int]]:
-    """``clients`` keep-alive connections send ``requests`` in turn until ``total`` are sent or time is up.
-
-    A lean asyncio HTTP/1.1 client: the load generator shares the two cores with the server, so it
-    should cost as little CPU per request as possible (httpx in threads cost ~4 ms per request).
-    """
-    deadline = time.perf_counter() + time_limit
-    sent, lat, statuses = 0, [], {}
-
-    async def client(i: int) -> None:
-        nonlocal sent
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        j = i
-        try:
-            while sent < total and time.perf_counter() < deadline:
-                sent += 1
-                t = time.perf_counter()
-                writer.write(requests[j % len(requests)])
-                j += clients
-                status = int((await reader.readline()).split()[1])
-                length = 0
-                while (line := await reader.readline()) not in (b"\r\n", b""):
-                    if line.lower().startswith(b"content-length:"):
-                        length = int(line.split(b":")[1])
-                await reader.readexactly(length)
-                lat.append(time.perf_counter() - t)
-                statuses[status] = statuses.get(status, 0) + 1
-        finally:
-            writer.close()
-
-    await asyncio.gather(*(client(i) for i in range(clients)))
-    return lat, statuses
+    return http_post(port, "/v1/classify", body, f"multipart/form-data; boundary={b}")
 
 
 def run_mode(a, batching: bool, images: list[bytes], head: str) -> dict:
@@ -86,11 +50,13 @@ def run_mode(a, batching: bool, images: list[bytes], head: str) -> dict:
     with serving(*args) as (url, _, pid):
         port = int(url.rsplit(":", 1)[1])
         requests = [classify_request(port, data, head) for data in images]
-        asyncio.run(load(port, requests, a.clients, a.clients, 60))  # warm-up round, not counted
+        asyncio.run(send(port, requests, a.clients, a.clients, 60))  # warm-up round, not counted
         before = httpx.get(url + "/metrics").text
         cpu0 = cpu_seconds(pid), sum(os.times()[:2])
         start = time.perf_counter()
-        lat, statuses = asyncio.run(load(port, requests, a.clients, a.requests, a.time_limit))
+        replies = asyncio.run(send(port, requests, a.clients, a.requests, a.time_limit))
+        lat = [t for t, _, _ in replies]
+        statuses = {c: sum(1 for _, s, _ in replies if s == c) for c in {s for _, s, _ in replies}}
         elapsed = time.perf_counter() - start
         server_cpu, client_cpu = cpu_seconds(pid) - cpu0[0], sum(os.times()[:2]) - cpu0[1]
         after = httpx.get(url + "/metrics").text
