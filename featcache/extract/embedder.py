@@ -115,12 +115,20 @@ class Embedder:
             self._want_jit = False
             return None
 
-    def embed(self, batch: torch.Tensor) -> dict[str, np.ndarray]:
-        """uint8 (N, 3, H, W) on the CPU to {tap: float32 (N, dim)} numpy arrays."""
+    def embed(self, batch: torch.Tensor, pad_to: int | None = None) -> dict[str, np.ndarray]:
+        """uint8 (N, 3, H, W) on the CPU to {tap: float32 (N, dim)} numpy arrays.
+
+        ``pad_to``: run the forward pass on the batch padded with zero images to this size and
+        return only the N real rows. Callers keep to a few fixed sizes this way, because the
+        frozen TorchScript graph re-optimises (for seconds) for every new batch shape.
+        """
+        n = len(batch)
+        if pad_to is not None and pad_to > n:
+            batch = torch.cat([batch, batch.new_zeros((pad_to - n, *batch.shape[1:]))])
         if self.device.type == "cuda":
             batch = batch.pin_memory().to(self.device, non_blocking=True)
         out = self._forward(batch)
-        return {k: v.float().cpu().numpy() for k, v in out.items()}
+        return {k: v[:n].float().cpu().numpy() for k, v in out.items()}
 
     def classify_imagenet(self, final: np.ndarray) -> np.ndarray:
         """Logits of the backbone's original classifier over the final tap (N, classes)."""

@@ -258,7 +258,10 @@ class Extraction:
             t = time.perf_counter()
             if not self.gpu:
                 torch.set_num_threads(self.emb.threads)  # model phase: all cores
-            out = self._embed([decoded[j] for j in ok]) if ok else {}
+            out = {}
+            if ok:  # on the CPU a short last batch runs padded to the batch size (one graph shape)
+                images = torch.from_numpy(np.stack([decoded[j] for j in ok]))
+                out = self.emb.embed(images, pad_to=None if self.gpu else self.batch_size)
             self.timings["model"] += time.perf_counter() - t
 
             for tap, dim in ((k, group.taps[k]) for k in group.taps):
@@ -277,14 +280,6 @@ class Extraction:
             prog.update(len(batch))
             if len(buf) >= self.cfg.commit_every or i == len(batches) - 1:
                 buf = self._commit(group, buf, catch_up)
-
-    def _embed(self, images: list[np.ndarray]) -> dict[str, np.ndarray]:
-        """Forward pass; on the CPU short batches are padded to the batch size, because the
-        frozen TorchScript graph re-optimises (for seconds) for every new batch shape."""
-        n = len(images)
-        if not self.gpu and n < self.batch_size:
-            images = images + [np.zeros_like(images[0])] * (self.batch_size - n)
-        return {k: v[:n] for k, v in self.emb.embed(torch.from_numpy(np.stack(images))).items()}
 
     def _commit(self, group: FeatureGroup, buf: _Buffer, catch_up: bool) -> _Buffer:
         t = time.perf_counter()

@@ -5,9 +5,9 @@ at most ``max_wait_s`` for more (up to ``max_batch``), and runs the embedder on 
 in a single model thread. With batching off, each request runs its own forward pass in
 that same thread (one at a time, so torch's threads are never oversubscribed).
 
-Batches are padded up to a few fixed sizes (1, 2, 4, 8, 12, 16, ... ``max_batch``): the frozen
-TorchScript graph re-specialises for every new input shape, which costs far more than
-the padding rows. ``bucket_sizes()`` lists them so the service can warm each one up.
+Batches are padded (``Embedder.embed(..., pad_to)``) up to a few fixed sizes (1, 2, 4, 8, 12,
+16, ... ``max_batch``): the frozen TorchScript graph re-specialises for every new input
+shape, which costs far more than the padding rows. ``bucket_sizes()`` lists them so the service can warm each one up.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-EmbedFn = Callable[[torch.Tensor], dict[str, np.ndarray]]
+EmbedFn = Callable[[torch.Tensor, int], dict[str, np.ndarray]]  # (images, padded batch size) -> {tap: vectors}
 
 
 class MicroBatcher:
@@ -71,11 +71,7 @@ class MicroBatcher:
     def _forward(self, batch: torch.Tensor) -> dict[str, np.ndarray]:
         n = len(batch)
         self.on_batch(n)
-        size = next((b for b in self.bucket_sizes() if b >= n), n)
-        if size > n:
-            batch = torch.cat([batch, batch.new_zeros((size - n, *batch.shape[1:]))])
-        out = self.embed(batch)
-        return {k: v[:n] for k, v in out.items()} if size > n else out
+        return self.embed(batch, next((b for b in self.bucket_sizes() if b >= n), n))
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
