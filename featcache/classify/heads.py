@@ -26,13 +26,18 @@ from ..runtime import available_cpus
 SMALL_WORK = 4_000_000  # rows x dims below which one thread beats several (per-op sync costs)
 
 
-def set_threads(threads: int | None = None, work: int | None = None) -> int:
-    """Use the CPUs really available (affinity/cgroup), never more; one thread for small problems.
+def thread_count(threads: int | None = None, work: int | None = None) -> int:
+    """The CPUs really available (affinity/cgroup), never more; one thread for small problems.
 
-    On a small matrix every torch op is a few microseconds, and synchronising threads
-    (worse: waiting for a descheduled one on a busy machine) costs more than it saves.
+    On a small matrix every op is a few microseconds, and synchronising threads (worse:
+    waiting for a descheduled one on a busy machine) costs more than it saves.
     """
-    n = threads or (1 if work is not None and work < SMALL_WORK else available_cpus())
+    return threads or (1 if work is not None and work < SMALL_WORK else available_cpus())
+
+
+def set_threads(threads: int | None = None, work: int | None = None) -> int:
+    """Set torch's thread count to ``thread_count(threads, work)``."""
+    n = thread_count(threads, work)
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
     return n
@@ -160,7 +165,7 @@ class _LinearHead(Head):
         from threadpoolctl import threadpool_limits
 
         X = as_features(X)
-        blas = self.threads or (1 if X.size < SMALL_WORK else available_cpus())
+        blas = thread_count(self.threads, X.size)
         before = torch.get_num_threads()
         torch.set_num_threads(1)  # torch only runs L-BFGS's small vector ops: threads would just sync
         try:
