@@ -33,7 +33,7 @@ import faiss
 import httpx
 import numpy as np
 from PIL import Image
-from served import http_post, send, serving
+from served import http_post, metric, send, serving
 
 from featcache.datasets import FASHION_CLASSES, fashion_mnist
 from featcache.runtime import available_cpus
@@ -143,11 +143,8 @@ def bench_service(cache: str, index: Path, keys: list[str], n: int, time_limit: 
             lat.append(seconds)
             server_ms.append(r["timings_ms"]["search"])
         metrics = httpx.get(url + "/metrics").text
-        srv = {}
-        for name in ("sum", "count"):
-            found = [ln for ln in metrics.splitlines()
-                     if ln.startswith(f"featcache_request_seconds_{name}") and "/v1/search" in ln]
-            srv[name] = float(found[0].split()[-1]) if found else None
+        srv = {name: metric(metrics, f"featcache_request_seconds_{name}", 'route="/v1/search"')
+               for name in ("sum", "count")}
         mean = round(1000 * srv["sum"] / srv["count"], 3) if srv["sum"] is not None and srv["count"] else None
         return {"server_request_ms_mean": mean,
                 "requests": len(lat), "client_ms": {"p50": pct(lat, 50), "p90": pct(lat, 90), "p99": pct(lat, 99)},

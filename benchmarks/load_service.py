@@ -24,13 +24,9 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from served import cpu_seconds, http_post, send, serving
+from served import cpu_seconds, http_post, metric, send, serving
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _metric(text: str, name: str) -> float:
-    return float(next(ln.split()[-1] for ln in text.splitlines() if ln.startswith(name + " ")))
 
 
 def classify_request(port: int, image: bytes, head: str) -> bytes:
@@ -60,8 +56,8 @@ def run_mode(a, batching: bool, images: list[bytes], head: str) -> dict:
         elapsed = time.perf_counter() - start
         server_cpu, client_cpu = cpu_seconds(pid) - cpu0[0], sum(os.times()[:2]) - cpu0[1]
         after = httpx.get(url + "/metrics").text
-        n_fwd = _metric(after, "featcache_batch_size_count") - _metric(before, "featcache_batch_size_count")
-        n_img = _metric(after, "featcache_batch_size_sum") - _metric(before, "featcache_batch_size_sum")
+        n_fwd = metric(after, "featcache_batch_size_count") - metric(before, "featcache_batch_size_count")
+        n_img = metric(after, "featcache_batch_size_sum") - metric(before, "featcache_batch_size_sum")
         ok = statuses.get(200, 0)
         return {"batching": batching, "requests": len(lat), "ok": ok, "statuses": statuses,
                 "seconds": round(elapsed, 2), "throughput_rps": round(ok / elapsed, 2),

@@ -21,6 +21,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def metric(text: str, name: str, label: str = "") -> float | None:
+    """The value of sample ``name`` in Prometheus text (the first one whose labels contain ``label``)."""
+    for ln in text.splitlines():
+        if ln.startswith(name) and ln[len(name):len(name) + 1] in (" ", "{") and label in ln:
+            return float(ln.split()[-1])
+    return None
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time a process has used so far (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()

@@ -17,8 +17,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from featcache.datasets import imagenet20, write_tuxpaint_csv
 from featcache.extract.embedder import embedder_for
 from featcache.store.cache import FeatureCache
@@ -63,7 +61,7 @@ def main() -> None:
     step("train a head on the cache (5-fold CV)", "train", "--cache", a.cache, "--cv", "5",
          "--out", str(work / "head"), "--report", str(work / "report.html"))
     step("index the cache for similarity search", "index", "--cache", a.cache, "--out", str(work / "index"))
-    key = str(FeatureCache(a.cache).read().keys[np.int64(0)])
+    key = str(FeatureCache(a.cache).read().keys[0])
     step(f"nearest neighbours of {Path(key).name}", "search", "--index", str(work / "index"), "--key", key, "-k", "5")
     photos = [str(path) for path, label in imagenet20() if label in (22, 129, 251)]  # eagle, spoonbill, dalmatian
     step("label new photos with the head", "predict", "--head", str(work / "head"), *photos)
