@@ -24,16 +24,18 @@ from featcache.datasets import FASHION_CLASSES, fashion_mnist
 from featcache.store.cache import STATUS_OK, FeatureCache
 
 
-def parts(root: Path, split: str, n: int) -> np.ndarray:
+def parts(root: Path, prefix: str, n: int | None = None) -> np.ndarray:
+    """``PREFIX_START_STOP.npy`` files under ``root`` concatenated in order; rows [0, n) must all
+    be there (``n`` None: as far as the parts run contiguously from 0)."""
     found = {}
-    for f in root.rglob(f"{split}_*_*.npy"):
-        m = re.fullmatch(rf"{split}_(\d+)_(\d+)\.npy", f.name)
+    for f in root.rglob(f"{prefix}_*_*.npy"):
+        m = re.fullmatch(rf"{prefix}_(\d+)_(\d+)\.npy", f.name)
         if m:
             found[int(m.group(1))] = (int(m.group(2)), f)
     out, pos = [], 0
-    while pos < n:
+    while pos < n if n is not None else pos in found:
         if pos not in found:
-            raise SystemExit(f"missing {split} part starting at {pos} under {root}")
+            raise SystemExit(f"missing {prefix} part starting at {pos} under {root}")
         stop, f = found[pos]
         out.append(np.load(f).astype(np.float32))
         pos = stop

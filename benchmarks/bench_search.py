@@ -32,6 +32,7 @@ from urllib.parse import urlencode
 import faiss
 import httpx
 import numpy as np
+from assemble_fmnist_cache import parts
 from PIL import Image
 from served import http_post, metric, send, serving
 
@@ -52,20 +53,14 @@ def _png_sha(img: np.ndarray) -> str:
 
 def load_vectors(folder: Path) -> tuple[np.ndarray, list[str], list[str], dict]:
     """100k vectors with keys (as the extractor names them) and sha256 of the PNG bytes."""
-    def part(prefix: str) -> np.ndarray:
-        files = sorted(folder.glob(f"{prefix}_*.npy"), key=lambda p: int(p.stem.split("_")[1]))
-        return np.concatenate([np.load(f).astype(np.float32) for f in files])
-
     vecs, keys, shas = [], [], []
-    for split, prefix in (("train", "train"), ("test", "test")):
+    for split in ("train", "test"):
         images, labels = fashion_mnist(split)
-        v = part(prefix)
-        assert len(v) == len(images), (split, len(v))
-        vecs.append(v)
+        vecs.append(parts(folder, split, len(images)))
         keys += [f"{split}/{FASHION_CLASSES[y]}/{split}-{i:05d}.png" for i, y in enumerate(labels)]
         shas += [_png_sha(im) for im in images]
     images, labels = fashion_mnist("train")
-    m = part("mirror")
+    m = parts(folder, "mirror")
     vecs.append(m)
     keys += [f"mirror/{FASHION_CLASSES[labels[i]]}/train-{i:05d}-mirror.png" for i in range(len(m))]
     shas += [_png_sha(np.ascontiguousarray(images[i, :, ::-1])) for i in range(len(m))]
