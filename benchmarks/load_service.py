@@ -39,10 +39,10 @@ def classify_request(port: int, image: bytes, head: str) -> bytes:
 
 
 def run_mode(a, batching: bool, images: list[bytes], head: str) -> dict:
-    args = ["--cache", a.cache, "--head", a.head, "--device", "cpu",
+    args = ["--cache", a.cache, "--head", a.head, "--device", "cpu", "--batching", "on" if batching else "off",
             "--max-batch", str(a.max_batch), "--max-wait-ms", str(a.max_wait_ms)]
-    if not batching:
-        args.append("--no-batching")
+    if a.model_workers:
+        args += ["--model-workers", str(a.model_workers)]
     with serving(*args) as (url, _, pid):
         port = int(url.rsplit(":", 1)[1])
         requests = [classify_request(port, data, head) for data in images]
@@ -79,6 +79,7 @@ def main() -> None:
     p.add_argument("--time-limit", type=float, default=90.0)
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--max-wait-ms", type=float, default=10.0)
+    p.add_argument("--model-workers", type=int, help="default: the server's (one per core on CPU)")
     a = p.parse_args()
     files = sorted(f for f in Path(a.images).rglob("*") if f.suffix.lower() in (".png", ".jpg", ".jpeg"))[:256]
     images = [f.read_bytes() for f in files]

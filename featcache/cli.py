@@ -193,9 +193,9 @@ def cmd_serve(args: argparse.Namespace) -> dict:
         if not api_key:
             raise UsageError(f"API key file {args.api_key_file} is empty")
     cfg = ServiceConfig(cache=args.cache, heads=heads, index=args.index, fingerprint=args.fingerprint, api_key=api_key,
-                        device=args.device, batching=not args.no_batching, max_batch=args.max_batch,
-                        max_wait_ms=args.max_wait_ms, max_upload_bytes=args.max_upload_mb * 1024 * 1024,
-                        max_pixels=args.max_pixels)
+                        device=args.device, batching={"auto": None, "on": True, "off": False}[args.batching],
+                        max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, model_workers=args.model_workers,
+                        max_upload_bytes=args.max_upload_mb * 1024 * 1024, max_pixels=args.max_pixels)
     serve(cfg, args.host, args.port)
     return {}
 
@@ -404,9 +404,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--port", type=int, default=8000)
     sp.add_argument("--api-key-file", help="file holding the API key clients must send as X-API-Key")
     sp.add_argument("--device", default="auto")
-    sp.add_argument("--no-batching", action="store_true", help="one forward pass per request")
+    sp.add_argument("--batching", choices=("auto", "on", "off"), default="auto",
+                    help="gather concurrent requests into one forward pass (auto: on with a GPU, off on CPU)")
     sp.add_argument("--max-batch", type=int, default=8, help="most images per forward pass (8 measured best on 2 CPU cores)")
     sp.add_argument("--max-wait-ms", type=float, default=10.0, help="longest wait to fill a batch")
+    sp.add_argument("--model-workers", type=int,
+                    help="forward passes run at once, each on CPUs/N torch threads (default: one per core on CPU, 1 on GPU)")
     sp.add_argument("--max-upload-mb", type=int, default=16)
     sp.add_argument("--max-pixels", type=int, default=40_000_000)
 

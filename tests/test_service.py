@@ -22,6 +22,7 @@ from featcache.classify.bundle import save_bundle
 from featcache.classify.heads import make_head
 from featcache.cli import main
 from featcache.errors import FingerprintMismatch
+from featcache.runtime import available_cpus
 from featcache.service.app import create_app
 from featcache.service.config import ServiceConfig
 from featcache.service.metrics import Metrics
@@ -88,7 +89,7 @@ def served(imagenet_cache, tmp_path_factory):
              "nn3": _save_head(imagenet_cache, root / "nn3", n_neighbors=3)}
     build_from_cache(imagenet_cache, root / "index")
     cfg = ServiceConfig(cache=str(imagenet_cache), heads={k: str(v) for k, v in heads.items()}, index=str(root / "index"),
-                        api_key=KEY, device="cpu", max_upload_bytes=MAX_UPLOAD, max_batch=8, max_wait_ms=5)
+                        api_key=KEY, device="cpu", max_upload_bytes=MAX_UPLOAD, batching=True, max_batch=8, max_wait_ms=5)
     with LiveServer(create_app(cfg)) as srv:
         yield srv, cfg, root
 
@@ -129,20 +130,38 @@ def test_api_key_required_constant_time(served):
     assert httpx.get(url + "/v1/info", headers={"X-API-Key": KEY}).status_code == 200
 
 
-def test_parity_with_the_batch_extractor(client, imagenet_cache, files):
-    """The service embeds each real image as the extractor did for the cache: cosine >= 0.9999."""
-    feats = FeatureCache(imagenet_cache).read()
+def _cosines_to_cache(client: httpx.Client, cache: Path, files: list[Path], clients: int = 1) -> list[float]:
+    """Cosine of each real image's ``POST /v1/embed`` vector with its batch-extracted cache vector."""
+    feats = FeatureCache(cache).read()
     by_sha = {s: v for s, v in zip(feats.sha256.tolist(), feats.vectors, strict=True)}
-    cosines = []
-    for path in files:
+
+    def one(path: Path) -> float:
         data = path.read_bytes()
         r = _post_image(client, "/v1/embed", data)
         assert r.status_code == 200, r.text
         body = r.json()
         assert body["fingerprint"] == feats.fingerprint and body["dim"] == 1280
         v, want = np.array(body["vector"], np.float32), by_sha[hashlib.sha256(data).hexdigest()]
-        cosines.append(float(v @ want / np.linalg.norm(v) / np.linalg.norm(want)))
-    assert min(cosines) >= 0.9999, min(cosines)
+        return float(v @ want / np.linalg.norm(v) / np.linalg.norm(want))
+
+    with ThreadPoolExecutor(clients) as pool:
+        return list(pool.map(one, files))
+
+
+def test_parity_with_the_batch_extractor(client, imagenet_cache, files):
+    """The service embeds each real image as the extractor did for the cache: cosine >= 0.9999."""
+    assert min(_cosines_to_cache(client, imagenet_cache, files)) >= 0.9999
+
+
+def test_cpu_default_runs_one_pass_per_core_with_parity(imagenet_cache, files, capsys):
+    """The CPU default: no micro-batching, one single-threaded forward pass per core, side by side."""
+    with LiveServer(create_app(ServiceConfig(cache=str(imagenet_cache), device="cpu"))) as srv, \
+            httpx.Client(base_url=srv.url, timeout=60) as c:
+        batching = c.get("/v1/info").json()["batching"]
+        assert batching["enabled"] is False and batching["workers"] == available_cpus()
+        assert min(_cosines_to_cache(c, imagenet_cache, files, clients=8)) >= 0.9999
+    assert main(["serve", "--cache", str(imagenet_cache), "--model-workers", "0", "--port", "1"]) == 2
+    assert "--model-workers must be at least 1" in capsys.readouterr().err
 
 
 def test_classify_and_search(client, files, imagenet_dir, served):

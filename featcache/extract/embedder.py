@@ -143,7 +143,8 @@ class Embedder:
                 "precision": self.precision, "taps": self.taps}
 
 
-def embedder_for(description: dict, canon: dict, taps: list[str] | None = None, device: str = "auto") -> Embedder:
+def embedder_for(description: dict, canon: dict, taps: list[str] | None = None, device: str = "auto",
+                 threads: int | None = None) -> Embedder:
     """The embedder that reproduces a stored fingerprint (cache group, head or index manifest).
 
     ``description`` is the stored ``BackboneSpec.describe()``, ``canon`` the stored
@@ -152,7 +153,7 @@ def embedder_for(description: dict, canon: dict, taps: list[str] | None = None, 
     from ..errors import FingerprintMismatch
     from .registry import spec_from_description
 
-    emb = Embedder(Backbone.load(spec_from_description(description)), taps, device, canon["precision"])
+    emb = Embedder(Backbone.load(spec_from_description(description)), taps, device, canon["precision"], threads)
     if emb.canon != canon:
         diff = sorted(k for k in canon if canon.get(k) != emb.canon.get(k))
         raise FingerprintMismatch(

@@ -1,9 +1,11 @@
 """Micro-batching: concurrent requests share one forward pass, after a bounded wait.
 
-Requests put preprocessed images on an asyncio queue; one worker takes the first, waits
+Requests put preprocessed images on an asyncio queue; the batcher takes the first, waits
 at most ``max_wait_s`` for more (up to ``max_batch``), and runs the embedder on the stack
-in a single model thread. With batching off, each request runs its own forward pass in
-that same thread (one at a time, so torch's threads are never oversubscribed).
+in one of ``workers`` model threads, then gathers the next batch while that one runs. With
+batching off, each request runs its own forward pass in those same threads. Each model
+thread runs torch with ``cpus // workers`` intra-op threads (the service sets that), so the
+cores are never oversubscribed.
 
 Batches are padded (``Embedder.embed(..., pad_to)``) up to a few fixed sizes (1, 2, 4, 8, 12,
 16, ... ``max_batch``): the frozen TorchScript graph re-specialises for every new input
@@ -27,19 +29,22 @@ class MicroBatcher:
     """``await submit(x)`` returns {tap: vector} for one uint8 (3, H, W) image."""
 
     def __init__(self, embed: EmbedFn, max_batch: int = 16, max_wait_s: float = 0.004, enabled: bool = True,
-                 on_batch: Callable[[int], None] | None = None):
+                 on_batch: Callable[[int], None] | None = None, workers: int = 1):
         self.embed = embed
         self.max_batch = max(1, max_batch)
         self.max_wait_s = max(0.0, max_wait_s)
         self.enabled = enabled
         self.on_batch = on_batch or (lambda n: None)
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="featcache-model")
+        self.workers = max(1, workers)
+        self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="featcache-model")
         self._queue: asyncio.Queue | None = None
+        self._slots: asyncio.Semaphore | None = None
         self._worker: asyncio.Task | None = None
 
     async def start(self) -> None:
         if self.enabled:
             self._queue = asyncio.Queue()
+            self._slots = asyncio.Semaphore(self.workers)
             self._worker = asyncio.create_task(self._run(), name="featcache-batcher")
 
     async def stop(self) -> None:
@@ -50,7 +55,8 @@ class MicroBatcher:
         self._pool.shutdown(wait=True)
 
     def describe(self) -> dict:
-        return {"enabled": self.enabled, "max_batch": self.max_batch, "max_wait_ms": self.max_wait_s * 1000}
+        return {"enabled": self.enabled, "max_batch": self.max_batch, "max_wait_ms": self.max_wait_s * 1000,
+                "workers": self.workers}
 
     async def submit(self, x: torch.Tensor) -> dict[str, np.ndarray]:
         loop = asyncio.get_running_loop()
@@ -77,6 +83,7 @@ class MicroBatcher:
         loop = asyncio.get_running_loop()
         q = self._queue
         while True:
+            await self._slots.acquire()  # a model thread is free: gather the next batch for it
             items = [await q.get()]
             deadline = loop.time() + self.max_wait_s
             while len(items) < self.max_batch:
@@ -92,14 +99,19 @@ class MicroBatcher:
                     break
             items = [(x, f) for x, f in items if not f.cancelled()]
             if not items:
+                self._slots.release()
                 continue
-            try:
-                out = await loop.run_in_executor(self._pool, self._forward, torch.stack([x for x, _ in items]))
-            except Exception as e:  # noqa: BLE001 - hand the failure to every waiting request
-                for _, f in items:
-                    if not f.done():
-                        f.set_exception(e)
+            batch = loop.run_in_executor(self._pool, self._forward, torch.stack([x for x, _ in items]))
+            batch.add_done_callback(lambda done, items=items: self._deliver(done, items))
+
+    def _deliver(self, done: asyncio.Future, items: list) -> None:
+        """Hand each request its row (or the batch's failure) and free the model thread."""
+        self._slots.release()
+        error = asyncio.CancelledError() if done.cancelled() else done.exception()
+        for i, (_, f) in enumerate(items):
+            if f.done():
                 continue
-            for i, (_, f) in enumerate(items):
-                if not f.done():
-                    f.set_result({k: v[i] for k, v in out.items()})
+            if error is not None:
+                f.set_exception(error)
+            else:
+                f.set_result({k: v[i] for k, v in done.result().items()})

@@ -25,14 +25,16 @@ class NotReady(FeatcacheError):
     http_status = 503
 
 
-def get_state(request: Request) -> ServiceState:
+# The dependencies are ``async def`` though they never await: FastAPI runs a plain ``def``
+# dependency in its thread pool, a thread hop per dependency per request.
+async def get_state(request: Request) -> ServiceState:
     state = getattr(request.app.state, "fc", None)
     if state is None:
         raise NotReady("the service is still loading its model; retry in a moment")
     return state
 
 
-def require_api_key(key: str | None = Security(api_key_header), state: ServiceState = Depends(get_state)) -> None:
+async def require_api_key(key: str | None = Security(api_key_header), state: ServiceState = Depends(get_state)) -> None:
     """401 unless the X-API-Key header equals the configured key (constant-time comparison)."""
     want = state.config.api_key
     if want is None:
@@ -41,7 +43,7 @@ def require_api_key(key: str | None = Security(api_key_header), state: ServiceSt
         raise Unauthorized("missing or wrong API key: send it in the X-API-Key header")
 
 
-def require_form(request: Request) -> None:
+async def require_form(request: Request) -> None:
     """415 for a body that is not a form (multipart/form-data for uploads; urlencoded for fields only)."""
     ctype = request.headers.get("content-type", "")
     if not ctype.lower().startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
