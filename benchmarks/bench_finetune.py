@@ -49,6 +49,7 @@ def main() -> None:
     p.add_argument("--cache", help="an existing cache of Fashion-MNIST train+test (skips writing and extracting)")
     p.add_argument("--test-source", help="with --cache: the test folder")
     p.add_argument("--speed-images", type=int, default=512, help="images in the side-by-side epoch timing")
+    p.add_argument("--bn", choices=("train", "frozen"), default="train", help="BatchNorm in the unfrozen layers")
     p.add_argument("--speed-only", action="store_true")
     p.add_argument("--work", default=None)
     a = p.parse_args()
@@ -63,7 +64,7 @@ def main() -> None:
         for split in ("train", "test"):
             extract(ExtractConfig(str(folders / split), str(cache), progress=False))
     cfg = FinetuneConfig(cache=str(cache), out=str(work / "backbone"), unfreeze_from=a.unfreeze_from,
-                         epochs=a.epochs, warmup_epochs=a.warmup_epochs, test_source=test_source)
+                         epochs=a.epochs, warmup_epochs=a.warmup_epochs, bn=a.bn, test_source=test_source)
     ft = Finetuner(cfg)
     t = time.perf_counter()
     data, paths = ft.cached_prefix(ft.prefix_embedder())
@@ -92,7 +93,7 @@ def main() -> None:
                        "frozen_head": head})
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
-    name = f"finetune_{a.unfreeze_from}{'_speed' if a.speed_only else ''}.json"
+    name = f"finetune_{a.unfreeze_from}{'_bnfrozen' if a.bn == 'frozen' else ''}{'_speed' if a.speed_only else ''}.json"
     (out / name).write_text(json.dumps(result, indent=2, default=str))
     print(json.dumps({k: v for k, v in result.items() if k != "frozen_head"}, indent=2, default=str))
 
