@@ -38,9 +38,10 @@ def execution(config: ServiceConfig) -> tuple[int, bool]:
     """(forward passes run at once, micro-batching on), the defaults chosen for the device.
 
     On CPU: one pass per core, each on one torch thread, no batching. A single image gains
-    little from intra-op threads and a batch costs more per image than single images do
-    (Lite0 on 2 cores: one pass on 2 threads 40 img/s; two single-threaded passes side by
-    side 92 img/s at batch 1, 74 img/s at batch 8). On a GPU: one pass at a time, batched.
+    little from intra-op threads, and a batch costs more per image than single images do
+    (``benchmarks/model_passes.py``, Lite0 on 2 cores: two single-threaded passes side by side
+    run 1.8x one pass on both threads at batch 1, and 1.2x themselves at batch 8). On a GPU:
+    one pass at a time, batched.
     """
     if config.model_workers is not None and config.model_workers < 1:
         raise UsageError(f"--model-workers must be at least 1, got {config.model_workers}")
