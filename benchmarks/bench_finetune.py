@@ -50,6 +50,8 @@ def main() -> None:
     p.add_argument("--test-source", help="with --cache: the test folder")
     p.add_argument("--speed-images", type=int, default=512, help="images in the side-by-side epoch timing")
     p.add_argument("--bn", choices=("train", "frozen"), default="train", help="BatchNorm in the unfrozen layers")
+    p.add_argument("--mixup", type=float, default=0.0, help="mixup at the cut, Beta(a, a)")
+    p.add_argument("--label-smoothing", type=float, default=0.0)
     p.add_argument("--speed-only", action="store_true")
     p.add_argument("--work", default=None)
     a = p.parse_args()
@@ -64,7 +66,8 @@ def main() -> None:
         for split in ("train", "test"):
             extract(ExtractConfig(str(folders / split), str(cache), progress=False))
     cfg = FinetuneConfig(cache=str(cache), out=str(work / "backbone"), unfreeze_from=a.unfreeze_from,
-                         epochs=a.epochs, warmup_epochs=a.warmup_epochs, bn=a.bn, test_source=test_source)
+                         epochs=a.epochs, warmup_epochs=a.warmup_epochs, bn=a.bn, mixup=a.mixup,
+                         label_smoothing=a.label_smoothing, test_source=test_source)
     ft = Finetuner(cfg)
     t = time.perf_counter()
     data, paths = ft.cached_prefix(ft.prefix_embedder())
@@ -93,7 +96,9 @@ def main() -> None:
                        "frozen_head": head})
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
-    name = f"finetune_{a.unfreeze_from}{'_bnfrozen' if a.bn == 'frozen' else ''}{'_speed' if a.speed_only else ''}.json"
+    variant = ("_bnfrozen" if a.bn == "frozen" else "") + (f"_mixup{a.mixup:g}" if a.mixup else "") + (
+        f"_ls{a.label_smoothing:g}" if a.label_smoothing else "")
+    name = f"finetune_{a.unfreeze_from}{variant}{'_speed' if a.speed_only else ''}.json"
     (out / name).write_text(json.dumps(result, indent=2, default=str))
     print(json.dumps({k: v for k, v in result.items() if k != "frozen_head"}, indent=2, default=str))
 

@@ -321,8 +321,8 @@ def cmd_finetune(args: argparse.Namespace) -> dict:
         cache=args.cache, out=args.out, unfreeze_from=args.unfreeze_from, backbone=args.backbone,
         weights=args.weights, epochs=args.epochs, warmup_epochs=args.warmup_epochs, lr=args.lr,
         backbone_lr_mult=args.backbone_lr_mult,
-        augment=args.augment, new_top=args.new_top, bn=args.bn, batch_size=args.batch_size,
-        test_source=args.test_source, seed=args.seed, patience=args.patience, progress=not args.json,
+        augment=args.augment, mixup=args.mixup, label_smoothing=args.label_smoothing, new_top=args.new_top, bn=args.bn,
+        batch_size=args.batch_size, test_source=args.test_source, seed=args.seed, patience=args.patience, progress=not args.json,
     )
     result = finetune(cfg)
 
@@ -458,6 +458,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--lr", type=float, default=3e-3, help="learning rate of the new head")
     sp.add_argument("--backbone-lr-mult", type=float, default=0.1, help="pretrained layers get lr * this")
     sp.add_argument("--augment", action="store_true", help="recompute the prefix on flipped/shifted images each epoch")
+    sp.add_argument("--mixup", type=float, default=0.0,
+                    help="mix pairs of activations at the cut and their labels, weight ~ Beta(a, a) (0: off; try 0.2)")
+    sp.add_argument("--label-smoothing", type=float, default=0.0, help="cross-entropy label smoothing (try 0.1)")
     sp.add_argument("--new-top", action="store_true", help="re-initialise the stages after the cut (new top layers)")
     sp.add_argument("--bn", default="train", choices=["train", "frozen"], help="BatchNorm policy in unfrozen layers")
     sp.add_argument("--batch-size", type=int, default=64)

@@ -107,3 +107,16 @@ def test_bad_cut_is_a_clear_error(cut, message):
 
     with pytest.raises(UsageError, match=message):
         Finetuner(FinetuneConfig(cache="unused", out="unused", unfreeze_from=cut, progress=False))
+
+
+def test_mixup_and_label_smoothing_train_on_cached_activations(ft_cache, tmp_path, lite0):
+    result = finetune(FinetuneConfig(cache=str(ft_cache), out=str(tmp_path / "b"), unfreeze_from="stage5", epochs=1,
+                                     batch_size=16, max_train=32, mixup=0.4, label_smoothing=0.1, progress=False))
+    assert np.isfinite(result["history"][0]["loss"])
+    state = load_file(f"{result['backbone_dir']}/weights.safetensors")
+    key = "blocks.6.0.conv_pw.weight"  # an unfrozen layer: it learned
+    assert not torch.equal(state[key], lite0.network.state_dict()[key])
+    from featcache.errors import UsageError
+
+    with pytest.raises(UsageError, match="--mixup must be >= 0"):
+        Finetuner(FinetuneConfig(cache="unused", out="unused", unfreeze_from="stage5", mixup=-1, progress=False))

@@ -58,6 +58,8 @@ class FinetuneConfig:
     patience: int = 3
     seed: int = 0
     augment: bool = False
+    mixup: float = 0.0  # Beta(a, a) mixup of the activations at the cut (and of the labels); 0: off
+    label_smoothing: float = 0.0
     new_top: bool = False
     bn: str = "train"
     recompute_prefix: bool = False  # run the frozen prefix every step (the slow baseline) instead of the cache
@@ -121,6 +123,8 @@ class Finetuner:
     def __init__(self, cfg: FinetuneConfig):
         if cfg.bn not in ("train", "frozen"):
             raise UsageError(f"--bn must be train or frozen, got {cfg.bn!r}")
+        if cfg.mixup < 0 or not 0 <= cfg.label_smoothing < 1:
+            raise UsageError(f"--mixup must be >= 0 and --label-smoothing in [0, 1), got {cfg.mixup}, {cfg.label_smoothing}")
         self.cfg = cfg
         torch.manual_seed(cfg.seed)
         torch.set_num_threads(available_cpus())
@@ -132,6 +136,7 @@ class Finetuner:
         stage = self.base.stage_taps.get(self.cut)
         self.raw_tap = RAW + stage if stage else f"{RAW_BLOCK}{self.cut}"
         self.raw_shape = self.base.tap_shape(self.raw_tap)
+        self._mix_rng = np.random.default_rng(cfg.seed)
 
     # -- data ------------------------------------------------------------------
     def prefix_embedder(self) -> Embedder:
@@ -198,11 +203,17 @@ class Finetuner:
                     paths: np.ndarray, y: np.ndarray, order: np.ndarray, sched=None) -> float:
         """One pass over ``order`` in mini-batches; returns the mean training loss."""
         self._train_mode(suffix, prefix)
-        loss_fn = nn.CrossEntropyLoss()
+        loss_fn = nn.CrossEntropyLoss(label_smoothing=self.cfg.label_smoothing)
         total, t0, report = 0.0, time.perf_counter(), max(1, len(order) // 10)
         for s in range(0, len(order), self.cfg.batch_size):
             part = order[s : s + self.cfg.batch_size]
-            loss = loss_fn(suffix(self._inputs(prefix, acts, paths, part, True)), torch.from_numpy(y[part]))
+            x, target = self._inputs(prefix, acts, paths, part, True), torch.from_numpy(y[part])
+            if self.cfg.mixup > 0:  # mixup at the cut: works on cached activations, unlike image augmentation
+                lam, perm = float(self._mix_rng.beta(self.cfg.mixup, self.cfg.mixup)), torch.randperm(len(part))
+                out = suffix(lam * x + (1 - lam) * x[perm])
+                loss = lam * loss_fn(out, target) + (1 - lam) * loss_fn(out, target[perm])
+            else:
+                loss = loss_fn(suffix(x), target)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
