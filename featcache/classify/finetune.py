@@ -4,7 +4,8 @@ The frozen prefix (every block before ``unfreeze_from``, a stage or a single blo
 once per image: its output is stored in the Zarr cache as the tap ``raw:stageK`` (or
 ``raw:blockI`` for a cut inside a stage) under the backbone's own
 fingerprint, so each epoch runs only the unfrozen stages and the new head. With
-``augment`` the prefix is recomputed on augmented images every epoch instead. With
+``augment`` the prefix is recomputed on augmented images every epoch instead; ``mixup``
+(and ``label_smoothing``) regularise the cached path itself, mixing activations at the cut. With
 ``new_top`` the stages after the cut are re-initialised (the "reuse early layers, train
 new top layers" cell of the transfer-learning matrix).
 
