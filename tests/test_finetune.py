@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -120,3 +121,25 @@ def test_mixup_and_label_smoothing_train_on_cached_activations(ft_cache, tmp_pat
 
     with pytest.raises(UsageError, match="--mixup must be >= 0"):
         Finetuner(FinetuneConfig(cache="unused", out="unused", unfreeze_from="stage5", mixup=-1, progress=False))
+
+
+def test_finetuned_backbone_goes_through_extract_train_and_serve(tuned, tux_csv, tmp_path):
+    """The tuned backbone directory, used by `featcache extract`, `featcache train` and `featcache serve`."""
+    import httpx
+
+    from featcache.cli import main
+    from featcache.service.app import create_app
+    from featcache.service.config import ServiceConfig
+
+    from .live import LiveServer
+
+    _, result = tuned
+    cache, head = tmp_path / "c", tmp_path / "head"
+    assert main(["extract", str(tux_csv), "--cache", str(cache), "--backbone", result["backbone_dir"], "-q"]) == 0
+    assert main(["train", "--cache", str(cache), "--out", str(head), "--cv", "2", "--json"]) == 0
+    fp = FeatureCache(cache).resolve_fingerprint()
+    image = Path(tux_csv.read_text().splitlines()[1].split(",")[0]).read_bytes()
+    with LiveServer(create_app(ServiceConfig(cache=str(cache), heads={"tux": str(head)}, device="cpu"))) as srv:
+        r = httpx.post(srv.url + "/v1/classify", files={"image": ("stamp.png", image, "image/png")}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["fingerprint"] == fp and r.json()["head"] == "tux"

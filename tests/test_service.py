@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import socket
 import struct
 import threading
 import time
@@ -15,7 +14,6 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 from PIL import Image
 
 from featcache.classify.bundle import save_bundle
@@ -30,42 +28,10 @@ from featcache.service.state import ServiceState, preflight
 from featcache.store.cache import FeatureCache
 from featcache.store.index import VectorIndex, build_from_cache
 
+from .live import LiveServer
+
 KEY = "test-key-0123456789"
 MAX_UPLOAD = 2 * 1024 * 1024
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class LiveServer:
-    """uvicorn serving an app on 127.0.0.1 in a background thread."""
-
-    def __init__(self, app):
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> LiveServer:
-        self.thread.start()
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            if not self.thread.is_alive():
-                raise RuntimeError("server thread died during start-up")
-            time.sleep(0.2)
-        raise TimeoutError("server did not become ready")
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
 
 
 def _save_head(cache: Path, out: Path, kind: str = "knn", **params) -> Path:
