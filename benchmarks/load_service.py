@@ -92,7 +92,8 @@ def main() -> None:
     files = sorted(f for f in Path(a.images).rglob("*") if f.suffix.lower() in (".png", ".jpg", ".jpeg"))[:256]
     images = [f.read_bytes() for f in files]
     head = a.head.split("=", 1)[0]
-    settings = [(w, b) for w in sorted({1, available_cpus()}) for b in (True, False)]
+    workers = sorted({1, available_cpus()})  # one pass at a time, and one pass per core
+    settings = [(w, b) for w in workers for b in (True, False)]
     runs: dict[tuple[int, bool], list[dict]] = {s: [] for s in settings}
     for _ in range(a.rounds):
         for w, b in settings:
@@ -101,7 +102,7 @@ def main() -> None:
     configs = [median_run(runs[s]) for s in settings]
     by = {(c["workers"], c["batching"]): c for c in configs}
     ratios = {str(w): round(by[(w, True)]["throughput_rps"] / by[(w, False)]["throughput_rps"], 2)
-              for w in sorted({w for w, _ in settings})}
+              for w in workers}
     r = {"command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
          "clients": a.clients, "images": f"{len(images)} files from {a.images}", "cpus": available_cpus(),
          "configs": configs, "ratio_on_off_by_workers": ratios,

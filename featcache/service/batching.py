@@ -108,10 +108,11 @@ class MicroBatcher:
         """Hand each request its row (or the batch's failure) and free the model thread."""
         self._slots.release()
         error = asyncio.CancelledError() if done.cancelled() else done.exception()
+        out = done.result() if error is None else {}
         for i, (_, f) in enumerate(items):
             if f.done():
                 continue
             if error is not None:
                 f.set_exception(error)
             else:
-                f.set_result({k: v[i] for k, v in done.result().items()})
+                f.set_result({k: v[i] for k, v in out.items()})
