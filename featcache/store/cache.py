@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,33 +65,50 @@ class ImageTable:
 
 
 class FeatureCache:
-    """Open (or create, with ``create=True``) a cache directory."""
+    """Open a cache directory for reading, or (``create=True``) for writing, creating it if needed.
+
+    A reader opens every Zarr node read-only and never creates anything: a cache still being
+    created reads as empty. Each cache gets a random ``uid`` when it is created, so an index
+    or head can tell two caches of the same fingerprint apart.
+    """
 
     def __init__(self, root: str | os.PathLike, create: bool = False):
         self.root = Path(root)
+        self.writable = create
         if not create and not (self.root / "zarr.json").is_file():
             raise NotFoundError(f"no featcache cache at {self.root} (run `featcache extract SOURCE --cache {self.root}`)")
         try:
-            self.group = zarr.open_group(str(self.root), mode="a" if create else "r+", zarr_format=3)
+            self.group = zarr.open_group(str(self.root), mode="a" if create else "r", zarr_format=3)
         except Exception as e:  # noqa: BLE001
             raise CacheError(f"{self.root} is not a readable Zarr v3 group: {e}") from e
-        attrs = dict(self.group.attrs)
-        if "featcache" not in attrs:
+        meta = dict(self.group.attrs).get("featcache")
+        if meta is None:
             if not create or len(list(self.group.keys())):
                 raise CacheError(f"{self.root} is a Zarr group but not a featcache cache")
-            self.group.attrs.update({"featcache": {"format": FORMAT}})
-        elif attrs["featcache"].get("format") != FORMAT:
-            raise CacheError(f"{self.root} has cache format {attrs['featcache'].get('format')}, this featcache reads {FORMAT}")
-        if "images" not in self.group:
-            imgs = self.group.create_group("images", attributes={"rows": 0})
-            for name in ("sha256", "key", "path", "label"):
-                imgs.create_array(name, shape=(0,), chunks=(_ROWS_1D,), dtype=str)
+            meta = {"format": FORMAT}
+        elif meta.get("format") != FORMAT:
+            raise CacheError(f"{self.root} has cache format {meta.get('format')}, this featcache reads {FORMAT}")
+        if create:
+            if "id" not in meta:  # caches made before ids existed get theirs from their next writer
+                meta = {**meta, "id": uuid.uuid4().hex}
+                self.group.attrs.update({"featcache": meta})
+            if "images" not in self.group:
+                imgs = self.group.create_group("images", attributes={"rows": 0})
+                for name in ("sha256", "key", "path", "label"):
+                    imgs.create_array(name, shape=(0,), chunks=(_ROWS_1D,), dtype=str)
+        self.uid: str | None = meta.get("id")
+
+    def _open(self, *path: str) -> zarr.Group:
+        """A subgroup, read-only for readers."""
+        return zarr.open_group(str(self.root.joinpath(*path)), mode="r+" if self.writable else "r", zarr_format=3)
 
     # -- image table -------------------------------------------------------------
     def _images(self) -> zarr.Group:
-        return zarr.open_group(str(self.root / "images"), mode="r+", zarr_format=3)
+        return self._open("images")
 
     def images(self) -> ImageTable:
+        if not self.writable and "images" not in self.group:  # being created right now: nothing committed
+            return ImageTable(*(np.array([], dtype=str) for _ in range(4)))
         g = self._images()
         n = int(g.attrs["rows"])
         return ImageTable(*(_unicode(g[name][:n]) for name in ("sha256", "key", "path", "label")))
@@ -144,7 +162,7 @@ class FeatureCache:
 
     def _feature_group(self, fingerprint: str) -> zarr.Group:
         try:
-            return zarr.open_group(str(self.root / "features" / fingerprint), mode="r+", zarr_format=3)
+            return self._open("features", fingerprint)
         except FileNotFoundError:
             raise NotFoundError(f"fingerprint {fingerprint} not in cache {self.root}") from None
 
@@ -197,7 +215,8 @@ class FeatureCache:
                         imgs.label[idx], status[keep], errors[keep])
 
     def info(self) -> dict:
-        out = {"cache": str(self.root), "images": int(self._images().attrs["rows"]), "fingerprints": []}
+        images = int(self._images().attrs["rows"]) if "images" in self.group else 0
+        out = {"cache": str(self.root), "id": self.uid, "images": images, "fingerprints": []}
         for fp in self.fingerprints():
             g = self._feature_group(fp)
             a = dict(g.attrs)
