@@ -59,7 +59,9 @@ def cmd_extract(args: argparse.Namespace) -> dict:
         source=args.source, cache=args.cache, backbone=args.backbone, weights=args.weights,
         taps=args.taps, precision=args.precision, device=args.device, batch_size=args.batch_size,
         workers=args.workers, labels=args.labels, max_pixels=args.max_pixels, progress=not args.quiet,
-        commit_every=args.commit_every,
+        commit_every=args.commit_every, max_file_bytes=args.max_file_mb * 1024 * 1024, engine=args.engine,
+        ray_address=args.ray_address, actors=args.actors, gpus_per_actor=args.gpus_per_actor,
+        cpus_per_actor=args.cpus_per_actor,
     )
     result = extract(cfg)
 
@@ -74,10 +76,17 @@ def cmd_extract(args: argparse.Namespace) -> dict:
             f"speed        {r['images_per_second']} img/s  (decode {t.get('decode', 0)}s, model {t.get('model', 0)}s, "
             f"write {t.get('write', 0)}s, hash {t.get('hash', 0)}s; total {r['seconds']}s)",
         ]
+        if r["failure_reasons"]:
+            lines.append("failures     " + ", ".join(f"{k} {v}" for k, v in sorted(r["failure_reasons"].items())))
         for f in r["failures"][:20]:
             lines.append(f"  FAILED {f['key']}: {f['error']}")
         if r["failed"] > 20:
             lines.append(f"  ... and {r['failed'] - 20} more (see --json)")
+        if r["label_conflicts"]:
+            lines.append(f"conflicts    {r['label_conflicts']} images found under different labels "
+                         "(`featcache train` leaves them out unless --label-conflicts keep):")
+            for c in r["conflicts"][:10]:
+                lines.append(f"  {', '.join(c['keys'])}: {' / '.join(c['labels'])}")
         return "\n".join(lines)
 
     _print(result, args.json, human)
@@ -323,6 +332,7 @@ def cmd_finetune(args: argparse.Namespace) -> dict:
         backbone_lr_mult=args.backbone_lr_mult,
         augment=args.augment, mixup=args.mixup, label_smoothing=args.label_smoothing, new_top=args.new_top, bn=args.bn,
         batch_size=args.batch_size, test_source=args.test_source, seed=args.seed, patience=args.patience, progress=not args.json,
+        max_pixels=args.max_pixels,
     )
     result = finetune(cfg)
 
@@ -362,6 +372,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--labels", default="folder", choices=["folder", "none"], help="labels from first-level folders, or none")
     sp.add_argument("--max-pixels", type=int, default=64_000_000, help="refuse larger images (decompression bombs)")
     sp.add_argument("--commit-every", type=int, default=512, help="images per durable commit (resume granularity)")
+    sp.add_argument("--max-file-mb", type=int, default=256, help="refuse files larger than this (MiB)")
+    sp.add_argument("--engine", default="local", choices=["local", "ray"],
+                    help="local: this process; ray: a Ray cluster (pip install 'featcache[ray]')")
+    sp.add_argument("--ray-address", help="Ray cluster to join: auto or HOST:PORT (default: start one on this machine)")
+    sp.add_argument("--actors", type=int, help="embedding actors (ray; default: one per GPU, else 1)")
+    sp.add_argument("--gpus-per-actor", type=float, help="GPUs per embedding actor (ray; default 1 where GPUs exist)")
+    sp.add_argument("--cpus-per-actor", type=float, help="CPUs per embedding actor (ray)")
     sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     sp = add("info", "show images, fingerprints, taps and failures in a cache")
@@ -467,6 +484,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--patience", type=int, default=3, help="early stopping: epochs without val improvement")
     sp.add_argument("--test-source", help="folder/CSV whose images form the test set")
     sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--max-pixels", type=int, default=64_000_000,
+                    help="images above this many pixels are not used (stored rows are never changed)")
     sp.add_argument("--out", required=True, help="backbone directory to write")
     return p
 

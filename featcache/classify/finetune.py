@@ -33,9 +33,9 @@ from torch import nn
 
 from ..errors import UsageError
 from ..extract.backbone import RAW, RAW_BLOCK, Backbone, decompose, sha256_file
-from ..extract.decode import load_image
+from ..extract.decode import DEFAULT_MAX_PIXELS, load_image
 from ..extract.embedder import Embedder
-from ..extract.pipeline import ExtractConfig, Extraction
+from ..extract.pipeline import ExtractConfig, Extraction, cached_images
 from ..extract.registry import DEFAULT_BACKBONE, resolve
 from ..runtime import available_cpus
 from ..store.cache import FeatureCache
@@ -66,6 +66,7 @@ class FinetuneConfig:
     recompute_prefix: bool = False  # run the frozen prefix every step (the slow baseline) instead of the cache
     test_source: str | None = None
     max_train: int | None = None
+    max_pixels: int = DEFAULT_MAX_PIXELS  # as for extract: a per-run limit skips work, never marks stored rows failed
     progress: bool = True
 
 
@@ -145,7 +146,9 @@ class Finetuner:
 
     def cached_prefix(self, emb: Embedder) -> tuple[Labelled, np.ndarray]:
         """The cache's labelled images with X = prefix activations (n, C*H*W), computed once; and their paths."""
-        Extraction(ExtractConfig("", self.cfg.cache, taps=[self.raw_tap], progress=self.cfg.progress), emb).run_cached_images()
+        cfg = ExtractConfig(None, self.cfg.cache, taps=[self.raw_tap], progress=self.cfg.progress,
+                            max_pixels=self.cfg.max_pixels)
+        Extraction(cfg, emb).run(cached_images(FeatureCache(self.cfg.cache)))
         cache = FeatureCache(self.cfg.cache)
         data = load_labelled(cache, emb.fingerprint, self.raw_tap)
         table = cache.images()
@@ -189,7 +192,7 @@ class Finetuner:
             x = torch.from_numpy(acts[idx]).view(len(idx), *self.raw_shape)
             return x.contiguous(memory_format=torch.channels_last)
         pre = self.base.spec.preprocess
-        imgs = torch.stack([load_image(Path(p).read_bytes(), pre) for p in paths[idx]])
+        imgs = torch.stack([load_image(Path(p).read_bytes(), pre, self.cfg.max_pixels) for p in paths[idx]])
         if self.cfg.augment and train:
             flip = torch.rand(len(imgs)) < 0.5
             imgs[flip] = imgs[flip].flip(-1)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ import numpy as np
 import zarr
 
 from ..errors import CacheError, FingerprintMismatch, NotFoundError, UsageError
+from .names import decode_name, encode_name, printable
 
 FORMAT = 1
 STATUS_OK, STATUS_FAILED = 0, 1
@@ -48,17 +50,29 @@ class Features:
     labels: np.ndarray  # (n,) str, "" where unlabelled
     status: np.ndarray  # (n,) int8
     errors: np.ndarray  # (n,) str
+    conflicts: np.ndarray  # (n,) str: "" or a JSON list of the labels these bytes were found under
 
     def __len__(self) -> int:
         return len(self.keys)
 
 
+IMAGE_COLUMNS = ("sha256", "key", "path", "label", "conflict")
+
+
 @dataclass
 class ImageTable:
+    """One row per distinct content. ``key`` is "" once another content took the file's key (orphaned);
+    ``conflict`` is "" or a JSON list of the different labels the same bytes were found under."""
+
     sha256: np.ndarray
     key: np.ndarray
     path: np.ndarray
     label: np.ndarray
+    conflict: np.ndarray
+
+    def row_of(self) -> dict[str, int]:
+        """sha256 -> row."""
+        return {s: i for i, s in enumerate(self.sha256.tolist())}
 
     def __len__(self) -> int:
         return len(self.sha256)
@@ -93,9 +107,12 @@ class FeatureCache:
                 meta = {**meta, "id": uuid.uuid4().hex}
                 self.group.attrs.update({"featcache": meta})
             if "images" not in self.group:
-                imgs = self.group.create_group("images", attributes={"rows": 0})
-                for name in ("sha256", "key", "path", "label"):
-                    imgs.create_array(name, shape=(0,), chunks=(_ROWS_1D,), dtype=str)
+                self.group.create_group("images", attributes={"rows": 0})
+            imgs = self._open("images")
+            for name in IMAGE_COLUMNS:  # columns added by later versions appear on the next write
+                if name not in imgs:
+                    imgs.create_array(name, shape=(imgs["sha256"].shape[0] if "sha256" in imgs else 0,),
+                                      chunks=(_ROWS_1D,), dtype=str, fill_value="")
         self.uid: str | None = meta.get("id")
 
     def _open(self, *path: str) -> zarr.Group:
@@ -107,35 +124,42 @@ class FeatureCache:
         return self._open("images")
 
     def images(self) -> ImageTable:
+        """Committed image rows. Keys and labels are stored text; paths are OS paths again (``decode_name``)."""
         if not self.writable and "images" not in self.group:  # being created right now: nothing committed
-            return ImageTable(*(np.array([], dtype=str) for _ in range(4)))
+            return ImageTable(*(np.array([], dtype=str) for _ in IMAGE_COLUMNS))
         g = self._images()
         n = int(g.attrs["rows"])
-        return ImageTable(*(_unicode(g[name][:n]) for name in ("sha256", "key", "path", "label")))
+        cols = {name: _unicode(g[name][:n]) if name in g else np.full(n, "", dtype=str) for name in IMAGE_COLUMNS}
+        cols["path"] = np.array([decode_name(p) for p in cols["path"].tolist()], dtype=object if n else str)
+        return ImageTable(**cols)
 
-    def append_images(self, sha256: list[str], keys: list[str], paths: list[str], labels: list[str]) -> None:
-        """Append new image rows and commit them."""
+    def append_images(self, sha256: list[str], keys: list[str], paths: list[str], labels: list[str],
+                      conflicts: list[str] | None = None) -> None:
+        """Append new image rows and commit them (``paths`` are OS paths; the rest stored text)."""
         g = self._images()
         n = int(g.attrs["rows"])
         m = n + len(sha256)
         if m == n:
             return
-        for name, values in (("sha256", sha256), ("key", keys), ("path", paths), ("label", labels)):
+        cols = {"sha256": sha256, "key": keys, "path": [encode_name(p) for p in paths], "label": labels,
+                "conflict": conflicts or [""] * len(sha256)}
+        for name, values in cols.items():
             arr = g[name]
             _ensure_capacity(arr, m, _ROWS_1D)
             arr[n:m] = strings(values)
         g.attrs.update({"rows": m})
 
-    def update_images(self, rows: np.ndarray, keys: list[str], paths: list[str], labels: list[str]) -> None:
-        """Rewrite key/path/label of committed rows (a file moved or was relabelled)."""
+    def update_images(self, rows: np.ndarray, **columns: list[str]) -> None:
+        """Rewrite columns of committed rows, e.g. ``key=, path=, label=`` for a moved or relabelled file."""
         if len(rows) == 0:
             return
         g = self._images()
         order = np.argsort(rows)
         rows = np.asarray(rows)[order]
-        for name, values in (("key", keys), ("path", paths), ("label", labels)):
-            arr = g[name]
-            arr.set_coordinate_selection(rows, strings(values)[order])
+        for name, values in columns.items():
+            if name == "path":
+                values = [encode_name(p) for p in values]
+            g[name].set_coordinate_selection(rows, strings(values)[order])
 
     # -- feature groups ----------------------------------------------------------
     def fingerprints(self) -> list[str]:
@@ -195,7 +219,12 @@ class FeatureCache:
         return FeatureGroup(self._feature_group(fingerprint))
 
     def read(self, fingerprint: str | None = None, tap: str = "final", include_failed: bool = False) -> Features:
-        """Features of one fingerprint and tap, joined with the image table."""
+        """Features of one fingerprint and tap, joined with the image table.
+
+        Left out unless ``include_failed``: rows that failed to decode, rows whose content no file
+        holds any more (its key went to other bytes), and rows this tap could not be computed for
+        when it was added later (NaN; the row stays ok for the other taps).
+        """
         fp = self.resolve_fingerprint(fingerprint)
         g = self._feature_group(fp)
         attrs = dict(g.attrs)
@@ -207,16 +236,23 @@ class FeatureCache:
         errors = _unicode(g["error"][:n])
         vectors = g["taps"][tap][:n]
         imgs = self.images()
-        keep = np.ones(n, bool) if include_failed else status == STATUS_OK
+        if include_failed:
+            keep = np.ones(n, bool)
+        else:
+            keep = (status == STATUS_OK) & (imgs.key[image] != "")
+            if n:
+                keep &= ~np.isnan(vectors[:, 0])
         idx = image[keep]
         if not keep.all():  # a raw-activation tap can be gigabytes: copy only when rows are dropped
             vectors = vectors[keep]
         return Features(fp, tap, np.ascontiguousarray(vectors), imgs.sha256[idx], imgs.key[idx],
-                        imgs.label[idx], status[keep], errors[keep])
+                        imgs.label[idx], status[keep], errors[keep], imgs.conflict[idx])
 
     def info(self) -> dict:
-        images = int(self._images().attrs["rows"]) if "images" in self.group else 0
-        out = {"cache": str(self.root), "id": self.uid, "images": images, "fingerprints": []}
+        imgs = self.images()
+        out = {"cache": str(self.root), "id": self.uid, "images": len(imgs),
+               "orphaned": int((imgs.key == "").sum()), "label_conflicts": int((imgs.conflict != "").sum()),
+               "fingerprints": []}
         for fp in self.fingerprints():
             g = self._feature_group(fp)
             a = dict(g.attrs)
@@ -254,12 +290,6 @@ class FeatureGroup:
             _ensure_capacity(arr, end, _ROWS_1D)
             arr[start:end] = values
 
-    def mark_failed(self, rows: list[int], errors: list[str]) -> None:
-        """Mark committed rows as failed (an image that no longer decodes while a new tap catches up)."""
-        if rows:
-            self.g["status"].set_coordinate_selection(np.asarray(rows), np.full(len(rows), STATUS_FAILED, np.int8))
-            self.g["error"].set_coordinate_selection(np.asarray(rows), strings(errors))
-
     def write_tap(self, tap: str, start: int, vectors: np.ndarray) -> None:
         arr = self.g["taps"][tap]
         _ensure_capacity(arr, start + len(vectors), arr.chunks[0])
@@ -273,9 +303,24 @@ class FeatureGroup:
 
 
 def writer_lock(root: str | os.PathLike) -> _Lock:
-    """Exclusive writer lock on a cache directory (created if missing); the OS drops it if the process dies."""
-    Path(root).mkdir(parents=True, exist_ok=True)
-    return _Lock(Path(root))
+    """Exclusive writer lock on a cache directory (created if missing); the OS drops it if the process dies.
+
+    The directory must be writable: that is checked here, before any work, so a read-only cache or a
+    ``--cache`` below a regular file is one clear ``CacheError`` instead of a failure halfway.
+    """
+    root = Path(root)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except (NotADirectoryError, FileExistsError):
+        raise CacheError(f"cannot use {root} as a cache: it or a folder above it is a file, not a folder") from None
+    except OSError as e:
+        raise CacheError(f"cannot create the cache folder {root}: {e.strerror or e}") from None
+    try:
+        with tempfile.TemporaryFile(dir=root):
+            pass
+    except OSError as e:
+        raise CacheError(f"cache {root} is not writable ({e.strerror or e}); writing needs write access") from None
+    return _Lock(root)
 
 
 class _Lock:
@@ -299,8 +344,12 @@ class _Lock:
 
 
 def strings(values) -> np.ndarray:
-    """A numpy variable-width string array (what zarr's string dtype stores and returns)."""
-    return np.array(values, dtype=np.dtypes.StringDType())
+    """A numpy variable-width string array (what zarr's string dtype stores and returns).
+
+    Text that is not valid Unicode (an error message quoting a non-UTF-8 file name) is made
+    printable: names themselves arrive here already through ``names.encode_name``.
+    """
+    return np.array([v if v.isascii() else printable(v) for v in values], dtype=np.dtypes.StringDType())
 
 
 def _unicode(values: np.ndarray) -> np.ndarray:
