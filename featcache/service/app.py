@@ -71,7 +71,7 @@ def create_app(config: ServiceConfig, plan: Plan | None = None) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return _error("ValidationError", validation_message(exc), 422)
+        return _error("ValidationError", _validation_message(exc), 422)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:  # 404 no route, 405 wrong method
@@ -96,7 +96,7 @@ def _error(error: str, message: str, status: int, headers: dict[str, str] | None
     return JSONResponse(ErrorResponse(error=error, message=message).model_dump(), status_code=status, headers=headers)
 
 
-def validation_message(exc: RequestValidationError) -> str:
+def _validation_message(exc: RequestValidationError) -> str:
     """One line naming each invalid field: ``k: Input should be less than or equal to 100; ...``."""
     parts = []
     for e in exc.errors():
