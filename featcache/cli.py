@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 
-from .errors import FeatcacheError
+from .errors import FeatcacheError, NotFoundError
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], dict]] = {}
 
@@ -186,6 +187,8 @@ def cmd_dedupe(args: argparse.Namespace) -> dict:
 
 @command("serve")
 def cmd_serve(args: argparse.Namespace) -> dict:
+    from pathlib import Path
+
     from .errors import UsageError
     from .service.app import serve
     from .service.config import ServiceConfig
@@ -198,7 +201,7 @@ def cmd_serve(args: argparse.Namespace) -> dict:
         heads[name] = path
     api_key = None
     if args.api_key_file:
-        api_key = open(args.api_key_file).read().strip()
+        api_key = Path(args.api_key_file).read_text().strip()
         if not api_key:
             raise UsageError(f"API key file {args.api_key_file} is empty")
     cfg = ServiceConfig(cache=args.cache, heads=heads, index=args.index, fingerprint=args.fingerprint, api_key=api_key,
@@ -490,16 +493,39 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+FILE_SYSTEM_EXIT = 8  # an OSError the library did not turn into a FeatcacheError: permission, not a directory, disk full
+
+
+def os_error_message(e: OSError) -> str:
+    """One line naming what the system refused and the path(s): ``Permission denied: /srv/index``."""
+    if isinstance(e, FileExistsError) and e.filename is not None and os.path.isfile(e.filename):
+        return f"Not a directory (a file is in the way): {e.filename}"  # mkdir where a regular file is
+    paths = [str(p) for p in (e.filename, e.filename2) if p is not None]
+    line = f"{e.strerror or e}: {' -> '.join(paths)}" if paths else str(e.strerror or e)
+    return " ".join(line.split())
+
+
+def _fail(args: argparse.Namespace, error: str, message: str, code: int) -> int:
+    if getattr(args, "json", False):
+        print(json.dumps({"error": error, "message": message}))
+    print(f"featcache: error: {message}", file=sys.stderr)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; every failure ends as one line on stderr and a documented exit code, never a traceback."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         COMMANDS[args.command](args)
     except FeatcacheError as e:
-        if getattr(args, "json", False):
-            print(json.dumps({"error": type(e).__name__, "message": str(e)}))
-        print(f"featcache: error: {e}", file=sys.stderr)
-        return e.exit_code
+        return _fail(args, type(e).__name__, str(e), e.exit_code)
+    except BrokenPipeError:  # the reader of our output went away (`featcache ... | head`): nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit-time flush stays quiet
+        return 141
+    except OSError as e:  # last resort: a path the library met without a check of its own
+        code = NotFoundError.exit_code if isinstance(e, FileNotFoundError) else FILE_SYSTEM_EXIT
+        return _fail(args, type(e).__name__, os_error_message(e), code)
     except KeyboardInterrupt:
         print("featcache: interrupted; committed work is kept, run the same command to resume", file=sys.stderr)
         return 130

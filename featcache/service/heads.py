@@ -9,18 +9,33 @@ serving and the reload answers with the error.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..classify.bundle import HeadBundle, load_bundle
-from ..errors import FeatcacheError, FingerprintMismatch, NotFoundError
+from ..classify.bundle import FORMAT, MANIFEST, HeadBundle, load_bundle
+from ..errors import FeatcacheError, FingerprintMismatch, NotFoundError, UsageError
 
 
 class HeadLoadError(FeatcacheError):
     """A head bundle on disk could not be read; the head already loaded keeps serving."""
 
     http_status = 409
+
+
+def head_manifest(path: str | Path) -> HeadBundle:
+    """A head bundle's manifest alone, as a ``HeadBundle`` without its head (``check``, ``tap``, ``labels``
+    work): the service checks every head against the cache before it loads any state arrays."""
+    path = Path(path)
+    mf = path / MANIFEST
+    if not mf.is_file():
+        raise NotFoundError(f"no head bundle at {path} (missing {MANIFEST}); train one with `featcache train`")
+    manifest = json.loads(mf.read_text())
+    fmt = manifest.get("featcache_head", {}).get("format")
+    if fmt != FORMAT:
+        raise UsageError(f"{path} is head bundle format {fmt}, this featcache reads {FORMAT}")
+    return HeadBundle(path, manifest, None)
 
 
 @dataclass(frozen=True)
