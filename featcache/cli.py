@@ -438,8 +438,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--cache", default="featcache-cache")
     sp.add_argument("--fingerprint", help="fingerprint (prefix); needed when the cache holds several")
     sp.add_argument("--tap", nargs="+", default=["final"], help="tap(s) to train on (several: compared, best kept)")
-    sp.add_argument("--head", nargs="+", default=["logreg"], choices=["logreg", "linear-svm", "knn", "mlp"],
-                    help="head type(s) (several: compared, best kept; default logreg)")
+    from .classify.heads import HEAD_KINDS  # the head registry, read only when --head is parsed or shown
+
+    sp.add_argument("--head", nargs="+", default=["logreg"], choices=HEAD_KINDS, metavar="HEAD",
+                    help="head type(s): %(choices)s (several: compared, best kept; default logreg)")
     sp.add_argument("--out", help="head bundle directory to write")
     ev = sp.add_mutually_exclusive_group()
     ev.add_argument("--cv", type=int, metavar="K", help="stratified K-fold cross-validation (bundle refit on all rows)")

@@ -1,7 +1,9 @@
 """Head bundles: ``manifest.json`` plus ``state.safetensors`` (plain arrays, never pickle).
 
 A bundle names the fingerprint its head was trained on; applying it to vectors of any
-other fingerprint raises ``FingerprintMismatch`` naming both.
+other fingerprint raises ``FingerprintMismatch`` naming both. Labels are stored as JSON
+values of their own type (strings stay strings, ints stay ints), so a loaded head
+predicts what the trained one did.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ def save_bundle(out: str | Path, head: Head, *, fingerprint: str, canon: dict, b
         "fingerprint_description": canon,
         "backbone": backbone,
         "tap": tap,
-        "labels": [str(c) for c in head.classes_],
+        "labels": head.classes_.tolist(),  # heads take str, int, float or bool labels: all JSON values
         "head": {"type": head.kind, "params": {k: _jsonable(v) for k, v in head.get_params().items()}},
         "dim": int(head.n_features_in_),
         "metrics": metrics or {},
@@ -83,7 +85,8 @@ class HeadBundle:
         return self.manifest["tap"]
 
     @property
-    def labels(self) -> list[str]:
+    def labels(self) -> list:
+        """The classes in ``predict_proba`` column order, as JSON values of their training type."""
         return self.manifest["labels"]
 
     def check(self, fingerprint: str, what: str = "vectors") -> None:
@@ -117,8 +120,6 @@ def load_bundle(path: str | Path) -> HeadBundle:
     if kind not in types:
         raise UsageError(f"{path} holds a head of unknown type {kind!r} (known: {sorted(types)})")
     arrays = load_file(str(path / manifest.get("state_file", STATE)))
-    params = manifest["head"]["params"]
-    if "Cs" in params and params["Cs"] is not None:
-        params = {**params, "Cs": tuple(params["Cs"])}
-    head = types[kind].from_state(params, manifest["labels"], arrays)
+    params = {k: tuple(v) if isinstance(v, list) else v for k, v in manifest["head"]["params"].items()}
+    head = types[kind].from_state(params, manifest["labels"], manifest["dim"], arrays)
     return HeadBundle(path, manifest, head)

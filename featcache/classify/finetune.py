@@ -40,6 +40,8 @@ from ..extract.registry import DEFAULT_BACKBONE, resolve
 from ..runtime import available_cpus
 from ..store.cache import FeatureCache
 from .data import Labelled, load_labelled, source_split
+from .schedule import warmup_cosine
+from .splits import stratified_holdout
 
 
 @dataclass
@@ -98,27 +100,6 @@ def _reinit(module: nn.Module) -> None:
     for m in module.modules():
         if m is not module and hasattr(m, "reset_parameters"):
             m.reset_parameters()
-
-
-def _split(labels: np.ndarray, test: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    train, val = [], []
-    for c in np.unique(labels[~test]):
-        idx = np.flatnonzero((labels == c) & ~test)
-        rng.shuffle(idx)
-        k = max(1, int(round(len(idx) * val_fraction))) if len(idx) > 1 else 0
-        val += idx[:k].tolist()
-        train += idx[k:].tolist()
-    return np.array(sorted(train)), np.array(sorted(val))
-
-
-def _lr_lambda(warmup_steps: int, total_steps: int):
-    def f(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return f
 
 
 class Finetuner:
@@ -253,7 +234,9 @@ class Finetuner:
             raise UsageError("fine-tuning needs at least two labelled classes in the cache")
         y = np.searchsorted(classes, labels)
         test = self.test_mask(data)
-        train_idx, val_idx = _split(labels, test, cfg.val_fraction, cfg.seed)
+        rows = np.flatnonzero(~test)  # train and validation rows come from outside the test set
+        keep, held = stratified_holdout(labels[rows], cfg.val_fraction, cfg.seed)
+        train_idx, val_idx = rows[keep], rows[held]
         if cfg.max_train:
             train_idx = np.random.default_rng(cfg.seed).permutation(train_idx)[: cfg.max_train]
         net, prefix, suffix = self.build(len(classes))
@@ -263,8 +246,8 @@ class Finetuner:
         opt = torch.optim.AdamW([{"params": pretrained, "lr": cfg.lr * mult},
                                  {"params": suffix.head.parameters(), "lr": cfg.lr}], weight_decay=cfg.weight_decay)
         steps_per_epoch = math.ceil(len(train_idx) / cfg.batch_size)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(int(cfg.warmup_epochs * steps_per_epoch),
-                                                                  cfg.epochs * steps_per_epoch))
+        warmup, total = int(cfg.warmup_epochs * steps_per_epoch), cfg.epochs * steps_per_epoch
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: warmup_cosine(step, warmup, total))
         rng = np.random.default_rng(cfg.seed)
         history, best, best_state, stale = [], -1.0, None, 0
         for epoch in range(1, cfg.epochs + 1):

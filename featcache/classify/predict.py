@@ -8,15 +8,15 @@ that cannot be read or decoded gets its own error; the others are still predicte
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import FeatcacheError, FingerprintMismatch
+from ..hashing import sha256_bytes
 from ..store.cache import FeatureCache
 from .bundle import HeadBundle, load_bundle
-from .heads import as_labels
+from .data import rows_of
 
 
 def _cached_vectors(bundle: HeadBundle, cache_dir: str | None, explicit: bool, shas: dict[int, str]) -> dict[int, np.ndarray]:
@@ -37,8 +37,8 @@ def _cached_vectors(bundle: HeadBundle, cache_dir: str | None, explicit: bool, s
     if bundle.tap not in cache.group_attrs(bundle.fingerprint)["taps"]:
         return {}
     feats = cache.read(bundle.fingerprint, bundle.tap)
-    row = {s: i for i, s in enumerate(as_labels(feats.sha256))}
-    return {i: feats.vectors[row[s]] for i, s in shas.items() if s in row}
+    rows = rows_of(feats.sha256, list(shas.values()))
+    return {i: feats.vectors[r] for i, r in zip(shas, rows) if r >= 0}
 
 
 def predict(head_dir: str, images: list[str], cache: str | None = None, device: str = "auto",
@@ -52,7 +52,7 @@ def predict(head_dir: str, images: list[str], cache: str | None = None, device: 
             data[i] = Path(p).read_bytes()
         except OSError as e:
             results[i]["error"] = f"unreadable file: {e.strerror or e}"
-    shas = {i: hashlib.sha256(b).hexdigest() for i, b in data.items()}
+    shas = {i: sha256_bytes(b) for i, b in data.items()}
     vectors = _cached_vectors(bundle, cache or bundle.manifest.get("cache"), cache is not None, shas)
     for i in vectors:
         results[i]["source"] = "cache"

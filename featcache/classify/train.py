@@ -49,6 +49,20 @@ class Evaluation:
     metrics: dict
 
 
+def _params(cfg: TrainConfig, kind: str) -> dict:
+    """The user's parameters for ``kind``; a head that takes a seed gets ``--seed`` unless given one."""
+    params = dict(cfg.params.get(kind, {}))
+    if "random_state" in make_head(kind).get_params():
+        params.setdefault("random_state", cfg.seed)
+    return params
+
+
+def _fitted_scalars(head: Head) -> dict:
+    """What fitting chose (``C_``, ``n_epochs_``, ...): the head's scalar fitted attributes, without the ``_``."""
+    return {k.rstrip("_"): v for k, v in vars(head).items()
+            if k.endswith("_") and not k.startswith("_") and k != "n_features_in_" and isinstance(v, int | float)}
+
+
 def _fit(kind: str, params: dict, X: np.ndarray, y: np.ndarray) -> tuple[Head, float]:
     head = make_head(kind, **params)
     t = time.perf_counter()
@@ -57,9 +71,7 @@ def _fit(kind: str, params: dict, X: np.ndarray, y: np.ndarray) -> tuple[Head, f
 
 
 def _evaluate_one(cfg: TrainConfig, data: Labelled, kind: str, split) -> tuple[Head, Evaluation, dict]:
-    params = dict(cfg.params.get(kind, {}))
-    if kind in ("logreg", "linear-svm", "mlp"):
-        params.setdefault("random_state", cfg.seed)
+    params = _params(cfg, kind)
     if cfg.cv:
         proba = None
         fold_acc, fold_secs = [], []
@@ -90,9 +102,8 @@ def _evaluate_one(cfg: TrainConfig, data: Labelled, kind: str, split) -> tuple[H
     summary = {"tap": data.tap, "head": kind, "params": head.get_params(), "train_seconds": secs,
                "train_rows": int(len(data) if cfg.cv else len(split[0])), "dim": int(data.X.shape[1]),
                "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "ece": metrics["ece"], **extra}
-    for attr in ("C_", "n_epochs_", "best_epoch_"):
-        if hasattr(head, attr):
-            summary[attr.rstrip("_")] = getattr(head, attr)
+    for name, value in _fitted_scalars(head).items():
+        summary.setdefault(name, value)
     ev = Evaluation(data.tap, kind, y_true, proba, classes, data.sha256[test_idx], data.keys[test_idx], metrics)
     return head, ev, summary
 
