@@ -23,8 +23,7 @@ import numpy as np
 
 from featcache.classify.bundle import library_versions
 from featcache.classify.data import holdout_split, load_labelled, source_split
-from featcache.classify.heads import LogRegHead
-from featcache.classify.mlp import MLPHead
+from featcache.classify.heads import LogRegHead, MLPHead
 from featcache.runtime import available_cpus
 from featcache.store.cache import FeatureCache
 

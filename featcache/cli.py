@@ -238,6 +238,12 @@ def cmd_train(args: argparse.Namespace) -> dict:
     cfg = TrainConfig(cache=args.cache, out=args.out, fingerprint=args.fingerprint, taps=args.tap, heads=args.head,
                       cv=args.cv, test_split=args.test_split, test_source=args.test_source, seed=args.seed,
                       params=_head_params(args.param))
+    if args.report:
+        from pathlib import Path
+
+        from .store.outputs import writable_dir
+
+        writable_dir(Path(args.report).parent)  # before the training time is spent
     result, evals = train(cfg)
     if args.report:
         from .classify.report import write_report

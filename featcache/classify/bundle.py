@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import FingerprintMismatch, NotFoundError, UsageError
+from ..store.outputs import writable_dir
 from .heads import Head, head_types
 
 FORMAT = 1
@@ -47,8 +48,7 @@ def save_bundle(out: str | Path, head: Head, *, fingerprint: str, canon: dict, b
     """Write a head bundle directory; returns its path."""
     from safetensors.numpy import save_file
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = writable_dir(out)
     state = {k: np.ascontiguousarray(v) for k, v in head.state().items()}
     save_file(state, str(out / STATE))
     manifest = {
@@ -103,10 +103,8 @@ class HeadBundle:
         return self.head.predict_proba(vectors)
 
 
-def load_bundle(path: str | Path) -> HeadBundle:
-    """Load a head bundle written by ``save_bundle`` (in any process; no pickle involved)."""
-    from safetensors.numpy import load_file
-
+def read_manifest(path: str | Path) -> dict:
+    """A head bundle's manifest, checked for its format (no state arrays are read)."""
     path = Path(path)
     mf = path / MANIFEST
     if not mf.is_file():
@@ -115,6 +113,15 @@ def load_bundle(path: str | Path) -> HeadBundle:
     fmt = manifest.get("featcache_head", {}).get("format")
     if fmt != FORMAT:
         raise UsageError(f"{path} is head bundle format {fmt}, this featcache reads {FORMAT}")
+    return manifest
+
+
+def load_bundle(path: str | Path) -> HeadBundle:
+    """Load a head bundle written by ``save_bundle`` (in any process; no pickle involved)."""
+    from safetensors.numpy import load_file
+
+    path = Path(path)
+    manifest = read_manifest(path)
     kind = manifest["head"]["type"]
     types = head_types()
     if kind not in types:

@@ -9,7 +9,7 @@ import numpy as np
 
 from ..errors import NotFoundError, UsageError
 from ..hashing import sha256_file
-from ..store.cache import FeatureCache
+from ..store.cache import FeatureCache, rows_of
 from .splits import stratified_holdout
 
 
@@ -41,12 +41,6 @@ def load_labelled(cache: FeatureCache, fingerprint: str | None = None, tap: str 
                          "extract a folder with class subfolders or a CSV with a label column")
     vectors = f.vectors if keep.all() else f.vectors[keep]  # no copy of a possibly huge tap when all are labelled
     return Labelled(f.fingerprint, tap, vectors, y[keep], f.sha256[keep], f.keys[keep])
-
-
-def rows_of(sha256: np.ndarray, wanted) -> np.ndarray:
-    """Row in ``sha256`` of each hash in ``wanted``, -1 where absent (the one sha256 -> row lookup here)."""
-    row = {s: i for i, s in enumerate(np.asarray(sha256).tolist())}
-    return np.fromiter((row.get(s, -1) for s in np.asarray(wanted).tolist()), np.int64, count=len(wanted))
 
 
 def align(a: Labelled, b: Labelled) -> Labelled:

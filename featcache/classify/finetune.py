@@ -32,13 +32,14 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
-from ..extract.backbone import RAW, RAW_BLOCK, Backbone, decompose, sha256_file
+from ..extract.backbone import RAW, RAW_BLOCK, Backbone, decompose
 from ..extract.decode import DEFAULT_MAX_PIXELS, load_image
 from ..extract.embedder import Embedder
 from ..extract.pipeline import ExtractConfig, Extraction, cached_images
 from ..extract.registry import DEFAULT_BACKBONE, resolve
+from ..hashing import sha256_file
 from ..runtime import available_cpus
-from ..store.cache import FeatureCache
+from ..store.cache import FeatureCache, rows_of
 from .data import Labelled, load_labelled, source_split
 from .schedule import warmup_cosine
 from .splits import stratified_holdout
@@ -133,8 +134,7 @@ class Finetuner:
         cache = FeatureCache(self.cfg.cache)
         data = load_labelled(cache, emb.fingerprint, self.raw_tap)
         table = cache.images()
-        path_of = dict(zip(table.sha256.tolist(), table.path.tolist()))
-        return data, np.array([path_of[s] for s in data.sha256])
+        return data, table.path[rows_of(table.sha256, data.sha256)]
 
     def test_mask(self, data: Labelled) -> np.ndarray:
         """Rows in ``--test-source`` (matched as ``featcache train`` matches them)."""

@@ -14,9 +14,8 @@ import numpy as np
 
 from ..errors import FeatcacheError, FingerprintMismatch
 from ..hashing import sha256_bytes
-from ..store.cache import FeatureCache
+from ..store.cache import FeatureCache, rows_of
 from .bundle import HeadBundle, load_bundle
-from .data import rows_of
 
 
 def _cached_vectors(bundle: HeadBundle, cache_dir: str | None, explicit: bool, shas: dict[int, str]) -> dict[int, np.ndarray]:

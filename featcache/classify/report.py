@@ -16,8 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from ..store.cache import FeatureCache
-from .data import rows_of
+from ..store.cache import FeatureCache, rows_of
 from .train import Evaluation
 
 _BLUE = (31, 119, 180)

@@ -15,6 +15,7 @@ import numpy as np
 
 from ..errors import UsageError
 from ..store.cache import FeatureCache
+from ..store.outputs import writable_dir
 from .bundle import save_bundle
 from .data import Labelled, align, holdout_split, kfold, load_labelled, source_split
 from .heads import Head, make_head
@@ -115,6 +116,8 @@ def train(cfg: TrainConfig) -> tuple[dict, list[Evaluation]]:
         raise UsageError("use one of --cv, --test-split, --test-source")
     if modes == 0:
         cfg.test_split = 0.2
+    if cfg.out:
+        writable_dir(cfg.out)  # before the training time is spent
     cache = FeatureCache(cfg.cache)
     fp = cache.resolve_fingerprint(cfg.fingerprint)
     attrs = cache.group_attrs(fp)

@@ -8,7 +8,6 @@ Failures are returned as reasons (plain strings that cross process boundaries), 
 
 from __future__ import annotations
 
-import hashlib
 import os
 import stat
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import FeatcacheError
+from ..hashing import sha256_bytes
 from .spec import Preprocess
 
 DEFAULT_MAX_FILE_BYTES = 256 * 1024 * 1024
@@ -68,7 +68,7 @@ def read_file(path: str | Path, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> Read
         os.close(fd)
     if len(data) > max_bytes:
         return Read(None, None, f"too large: file grew past the limit of {max_bytes:,} bytes while read")
-    return Read(hashlib.sha256(data).hexdigest(), data)
+    return Read(sha256_bytes(data), data)
 
 
 def decode_bytes(data: bytes, pre: Preprocess, max_pixels: int) -> np.ndarray | str:

@@ -9,13 +9,12 @@ serving and the reload answers with the error.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..classify.bundle import FORMAT, MANIFEST, HeadBundle, load_bundle
-from ..errors import FeatcacheError, FingerprintMismatch, NotFoundError, UsageError
+from ..classify.bundle import HeadBundle, load_bundle, read_manifest
+from ..errors import FeatcacheError, FingerprintMismatch, NotFoundError
 
 
 class HeadLoadError(FeatcacheError):
@@ -27,15 +26,7 @@ class HeadLoadError(FeatcacheError):
 def head_manifest(path: str | Path) -> HeadBundle:
     """A head bundle's manifest alone, as a ``HeadBundle`` without its head (``check``, ``tap``, ``labels``
     work): the service checks every head against the cache before it loads any state arrays."""
-    path = Path(path)
-    mf = path / MANIFEST
-    if not mf.is_file():
-        raise NotFoundError(f"no head bundle at {path} (missing {MANIFEST}); train one with `featcache train`")
-    manifest = json.loads(mf.read_text())
-    fmt = manifest.get("featcache_head", {}).get("format")
-    if fmt != FORMAT:
-        raise UsageError(f"{path} is head bundle format {fmt}, this featcache reads {FORMAT}")
-    return HeadBundle(path, manifest, None)
+    return HeadBundle(Path(path), read_manifest(path), None)
 
 
 @dataclass(frozen=True)
@@ -48,7 +39,7 @@ class LoadedHead:
 
     def describe(self) -> dict:
         m = self.bundle.manifest
-        return {"name": self.name, "labels": list(self.bundle.labels), "tap": self.bundle.tap,
+        return {"name": self.name, "labels": [str(c) for c in self.bundle.labels], "tap": self.bundle.tap,
                 "type": m.get("head", {}).get("type", "?"), "fingerprint": self.bundle.fingerprint,
                 "loaded_at": self.loaded_at, "reloads": self.reloads}
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ import zarr
 
 from ..errors import CacheError, FingerprintMismatch, NotFoundError, UsageError
 from .names import decode_name, encode_name, printable
+from .outputs import writable_dir
 
 FORMAT = 1
 STATUS_OK, STATUS_FAILED = 0, 1
@@ -59,6 +59,12 @@ class Features:
 IMAGE_COLUMNS = ("sha256", "key", "path", "label", "conflict")
 
 
+def rows_of(sha256: np.ndarray, wanted) -> np.ndarray:
+    """Row in ``sha256`` of each hash in ``wanted``, -1 where absent: the one sha256 -> row lookup."""
+    row = {s: i for i, s in enumerate(np.asarray(sha256).tolist())}
+    return np.fromiter((row.get(s, -1) for s in np.asarray(wanted).tolist()), np.int64, count=len(wanted))
+
+
 @dataclass
 class ImageTable:
     """One row per distinct content. ``key`` is "" once another content took the file's key (orphaned);
@@ -70,9 +76,6 @@ class ImageTable:
     label: np.ndarray
     conflict: np.ndarray
 
-    def row_of(self) -> dict[str, int]:
-        """sha256 -> row."""
-        return {s: i for i, s in enumerate(self.sha256.tolist())}
 
     def __len__(self) -> int:
         return len(self.sha256)
@@ -310,14 +313,9 @@ def writer_lock(root: str | os.PathLike) -> _Lock:
     """
     root = Path(root)
     try:
-        root.mkdir(parents=True, exist_ok=True)
+        writable_dir(root)
     except (NotADirectoryError, FileExistsError):
         raise CacheError(f"cannot use {root} as a cache: it or a folder above it is a file, not a folder") from None
-    except OSError as e:
-        raise CacheError(f"cannot create the cache folder {root}: {e.strerror or e}") from None
-    try:
-        with tempfile.TemporaryFile(dir=root):
-            pass
     except OSError as e:
         raise CacheError(f"cache {root} is not writable ({e.strerror or e}); writing needs write access") from None
     return _Lock(root)

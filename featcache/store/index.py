@@ -35,7 +35,7 @@ import faiss
 import numpy as np
 
 from ..errors import FingerprintMismatch, NotFoundError, UsageError
-from .cache import FeatureCache
+from .cache import FeatureCache, rows_of
 from .outputs import writable_dir
 
 FORMAT = 1
@@ -453,8 +453,7 @@ def cache_rows(cache: FeatureCache, fingerprint: str, tap: str):
     """(ids, keys, sha256, vectors, paths) of a cache's ok rows (``read`` drops failed ones); ids are image-table rows."""
     feats = cache.read(fingerprint, tap)
     imgs = cache.images()
-    row = {s: i for i, s in enumerate(imgs.sha256.tolist())}
-    ids = np.array([row[s] for s in feats.sha256.tolist()], dtype=np.int64)
+    ids = rows_of(imgs.sha256, feats.sha256)
     paths = imgs.path[ids] if len(ids) else np.array([], dtype=str)
     return ids, feats.keys, feats.sha256, feats.vectors, np.asarray(paths)
 

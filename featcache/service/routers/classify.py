@@ -28,8 +28,8 @@ async def classify(image: UploadFile = File(description="the image file"),
         proba = (await asyncio.to_thread(loaded.bundle.predict_proba, out[loaded.bundle.tap][None], state.fingerprint))[0]
     order = np.argsort(-proba)[:top_k]
     labels = loaded.bundle.labels
-    return ClassifyResponse(head=loaded.name, fingerprint=state.fingerprint, label=labels[int(order[0])],
-                            top=[LabelScore(label=labels[int(i)], probability=float(proba[i])) for i in order],
+    return ClassifyResponse(head=loaded.name, fingerprint=state.fingerprint, label=str(labels[int(order[0])]),
+                            top=[LabelScore(label=str(labels[int(i)]), probability=float(proba[i])) for i in order],
                             timings_ms=timings)
 
 
