@@ -69,6 +69,10 @@ class Extraction:
             if getattr(cfg, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
         self.cfg = cfg
+        if cfg.engine == "ray":  # before any work: without Ray this is a one-line error
+            from .engines.ray import require_ray
+
+            require_ray(cfg.ray_address)
         if embedder is None:
             backbone = Backbone.load(resolve(cfg.backbone, cfg.weights))
             embedder = Embedder(backbone, cfg.taps, cfg.device, cfg.precision)
@@ -88,6 +92,11 @@ class Extraction:
             emb = Embedder(emb.backbone, sorted(self.group.taps), str(emb.device), emb.precision, emb.threads)
             self._embedder = emb
         return emb
+
+    def embedder_description(self) -> dict:
+        """What rebuilds this run's embedder elsewhere (a Ray worker): ``embedder_for``'s inputs + the fingerprint."""
+        emb = self._embedder
+        return {"description": emb.spec.describe(), "canon": emb.canon, "fingerprint": emb.fingerprint}
 
     def run(self, listing: Listing | None = None) -> dict:
         """Extract ``cfg.source`` (or the given listing) into the cache."""
