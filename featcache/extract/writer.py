@@ -16,9 +16,10 @@ Per run, the writer also keeps the identity rules:
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -34,7 +35,7 @@ class _Seen:
     """A content's occurrences in this run."""
 
     key: str
-    path: str
+    path: str | os.PathLike
     label: str
     labels: set[str]
     keys: list[str]
@@ -44,18 +45,25 @@ class _Seen:
         return json.dumps(labels) if len(labels) > 1 else ""
 
 
-@dataclass
 class _Rows:
-    """Feature rows computed but not committed yet: a contiguous run starting at ``start``."""
+    """Feature rows computed but not committed yet: a contiguous run starting at ``start``, in
+    buffers allocated once (NaN where a row failed), so a commit copies no row twice."""
 
-    start: int
-    image: list[int] = field(default_factory=list)
-    status: list[int] = field(default_factory=list)
-    error: list[str] = field(default_factory=list)
-    taps: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    def __init__(self, start: int, capacity: int, taps: dict[str, int]):
+        self.start = start
+        self.image: list[int] = []
+        self.status: list[int] = []
+        self.error: list[str] = []
+        self.taps = {tap: np.full((capacity, dim), np.nan, np.float32) for tap, dim in taps.items()}
 
     def __len__(self) -> int:
         return len(self.image)
+
+    def reset(self, start: int) -> None:
+        self.start = start
+        self.image, self.status, self.error = [], [], []
+        for buf in self.taps.values():
+            buf.fill(np.nan)
 
 
 class CacheWriter:
@@ -73,7 +81,7 @@ class CacheWriter:
         self.in_group = set(group.image_rows().tolist())
         self.seen: dict[int, _Seen] = {}
         self.dirty: set[int] = set()
-        self.rows = _Rows(group.rows)
+        self.rows = _Rows(group.rows, self.commit_every, group.taps)
         self.timings: Counter = Counter()
         self.counts: Counter = Counter()
         self.failures: list[dict] = []
@@ -95,7 +103,7 @@ class CacheWriter:
             s.labels.add(item.label)
             s.keys.append(item.key)
             if item.key < s.key:  # the smallest name stands for the content, whatever the arrival order
-                s.key, s.path, s.label = item.key, str(item.path), item.label
+                s.key, s.path, s.label = item.key, item.path, item.label
             self.dirty.add(row)
             self.counts["duplicate_files"] += 1
             return "duplicate", row
@@ -105,7 +113,7 @@ class CacheWriter:
             for col in self.cols.values():
                 col.append("")
             self.row_of[sha256] = row
-        self.seen[row] = _Seen(item.key, str(item.path), item.label, {item.label}, [item.key])
+        self.seen[row] = _Seen(item.key, item.path, item.label, {item.label}, [item.key])
         self.dirty.add(row)
         self.counts["unique_images"] += 1
         if row in self.in_group:
@@ -129,12 +137,12 @@ class CacheWriter:
         """A new feature row for image ``row``: tap vectors, or the reason it failed."""
         failed = isinstance(result, str)
         buf = self.rows
+        if not failed:
+            for tap, vectors in buf.taps.items():
+                vectors[len(buf)] = result[tap]
         buf.image.append(row)
         buf.status.append(STATUS_FAILED if failed else STATUS_OK)
         buf.error.append(result if failed else "")
-        for tap, dim in self.group.taps.items():
-            vec = np.full(dim, np.nan, np.float32) if failed else result[tap]
-            buf.taps.setdefault(tap, []).append(vec)
         self.in_group.add(row)
         self.counts["extracted"] += 1
         if failed:
@@ -150,10 +158,10 @@ class CacheWriter:
         if len(buf):
             end = buf.start + len(buf)
             self.group.write_rows(buf.start, np.asarray(buf.image, np.int64), np.asarray(buf.status, np.int8), buf.error)
-            for tap, vecs in buf.taps.items():
-                self.group.write_tap(tap, buf.start, np.stack(vecs))
+            for tap, vectors in buf.taps.items():
+                self.group.write_tap(tap, buf.start, vectors[: len(buf)])
             self.group.commit(end, dict.fromkeys(buf.taps, end))
-            self.rows = _Rows(end)
+            buf.reset(end)
         self.timings["write"] += time.perf_counter() - t
 
     def _flush_images(self) -> None:
@@ -169,7 +177,7 @@ class CacheWriter:
                 self._set(holder, key="", path="")
                 self.counts["orphaned"] += 1
             self.key_row[s.key] = row
-            self._set(row, key=s.key, path=s.path, label=s.label, conflict=s.conflict())
+            self._set(row, key=s.key, path=os.fspath(s.path), label=s.label, conflict=s.conflict())
         self.dirty.clear()
         new = range(self.committed_images, len(self.sha))
         if len(new):
