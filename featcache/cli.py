@@ -103,6 +103,10 @@ def cmd_info(args: argparse.Namespace) -> dict:
 
     def human(r):
         lines = [f"cache {r['cache']}: {r['images']} images"]
+        if r["label_conflicts"]:
+            lines.append(f"  {r['label_conflicts']} images were found under several labels (train leaves them out)")
+        if r["orphaned"]:
+            lines.append(f"  {r['orphaned']} images no file holds any more (their names now hold other bytes)")
         for f in r["fingerprints"]:
             taps = ", ".join(f"{k}({v})" for k, v in f["taps"].items())
             lines.append(f"  {f['fingerprint']}  {f['backbone']}  {f['precision']}  rows {f['rows']} "
@@ -237,7 +241,7 @@ def cmd_train(args: argparse.Namespace) -> dict:
 
     cfg = TrainConfig(cache=args.cache, out=args.out, fingerprint=args.fingerprint, taps=args.tap, heads=args.head,
                       cv=args.cv, test_split=args.test_split, test_source=args.test_source, seed=args.seed,
-                      params=_head_params(args.param))
+                      params=_head_params(args.param), label_conflicts=args.label_conflicts)
     if args.report:
         from pathlib import Path
 
@@ -256,6 +260,11 @@ def cmd_train(args: argparse.Namespace) -> dict:
         m, ev = r["metrics"], r["evaluation"]
         lines = [f"{r['labelled_rows']} labelled images, {r['classes']} classes, backbone {r['backbone']} "
                  f"({r['fingerprint']}); evaluation: {ev['mode']}"]
+        lc = r["label_conflicts"]
+        if lc["images"]:
+            lines.append(f"{lc['images']} images found under several labels were "
+                         f"{'left out' if lc['policy'] == 'drop' else 'kept under their stored label'} "
+                         "(--label-conflicts drop|keep)")
         lines.append(f"{'tap':8} {'head':11} {'accuracy':>9} {'macro-F1':>9} {'ECE':>6} {'train s':>8}")
         for x in r["results"]:
             mark = " *" if (x["tap"], x["head"]) == (r["best"]["tap"], r["best"]["head"]) else ""
@@ -456,6 +465,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--report", metavar="PATH", help="write a self-contained HTML report (and PATH.json)")
     sp.add_argument("--param", nargs="+", metavar="HEAD.NAME=VALUE", help="head parameters, e.g. logreg.C=0.1 mlp.hidden=256")
     sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--label-conflicts", choices=["drop", "keep"], default="drop",
+                    help="images whose bytes were found under several labels: leave them out, or keep the label "
+                         "extract stored (the first name's)")
 
     sp = add("predict", "label images with a head bundle (embeds them with the head's backbone)")
     sp.add_argument("--head", required=True, help="head bundle directory")

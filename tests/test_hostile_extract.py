@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from featcache.classify.data import load_labelled
 from featcache.extract.decode import load_image
 from featcache.extract.pipeline import ExtractConfig, Extraction
 from featcache.extract.stages import read_file
@@ -190,6 +191,7 @@ def test_label_conflicts_are_reported_not_resolved_silently(tmp_path, lite0_embe
         (src / label).mkdir(parents=True)
         (src / label / "dolphin.jpg").write_bytes(same)
     _photos(src / "fish", 2)
+    _photos(src / "mammal", 2, start=10)
     (src / "fish" / "copy.jpg").write_bytes(jpeg_bytes(real_photo(0)))  # same bytes, same label: no conflict
     summary = run(src, tmp_path / "c", lite0_embedder)
     assert summary["label_conflicts"] == 1 and summary["duplicate_files"] == 2
@@ -199,6 +201,14 @@ def test_label_conflicts_are_reported_not_resolved_silently(tmp_path, lite0_embe
     feats = FeatureCache(tmp_path / "c").read()
     assert json.loads(feats.conflicts[feats.keys.tolist().index("fish/dolphin.jpg")]) == ["fish", "mammal"]
     assert FeatureCache(tmp_path / "c").info()["label_conflicts"] == 1
+    cache = FeatureCache(tmp_path / "c")
+    dropped, kept = load_labelled(cache, conflicts="drop"), load_labelled(cache, conflicts="keep")
+    assert dropped.conflicts == kept.conflicts == 1 and len(kept) == len(dropped) + 1
+    assert "fish/dolphin.jpg" not in dropped.keys.tolist() and "fish/dolphin.jpg" in kept.keys.tolist()
+    out = subprocess.run([*CLI, "train", "--cache", str(tmp_path / "c"), "--cv", "2", "--json"], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["label_conflicts"] == {"images": 1, "policy": "drop"}
     shutil.rmtree(src / "mammal")  # the user fixes it: the conflict is gone on the next run
     again = run(src, tmp_path / "c", lite0_embedder)
     assert again["label_conflicts"] == 0 and FeatureCache(tmp_path / "c").info()["label_conflicts"] == 0

@@ -23,24 +23,39 @@ class Labelled:
     y: np.ndarray  # (n,) unicode labels
     sha256: np.ndarray  # (n,) unicode
     keys: np.ndarray  # (n,) unicode
+    conflicts: int = 0  # rows left out (or kept, see ``load_labelled``) whose bytes carry several labels
 
     def __len__(self) -> int:
         return len(self.y)
 
     def subset(self, idx: np.ndarray) -> Labelled:
-        return Labelled(self.fingerprint, self.tap, self.X[idx], self.y[idx], self.sha256[idx], self.keys[idx])
+        return Labelled(self.fingerprint, self.tap, self.X[idx], self.y[idx], self.sha256[idx], self.keys[idx],
+                        self.conflicts)
 
 
-def load_labelled(cache: FeatureCache, fingerprint: str | None = None, tap: str = "final") -> Labelled:
-    """The labelled, successfully decoded rows of ``tap`` (unlabelled rows are left out)."""
+CONFLICT_POLICIES = ("drop", "keep")
+
+
+def load_labelled(cache: FeatureCache, fingerprint: str | None = None, tap: str = "final",
+                  conflicts: str = "drop") -> Labelled:
+    """The labelled, successfully decoded rows of ``tap`` (unlabelled rows are left out).
+
+    Images whose very bytes were found under several labels (``featcache extract`` reports them)
+    are left out with ``conflicts="drop"``, or kept under the label extract stored with ``"keep"``.
+    """
+    if conflicts not in CONFLICT_POLICIES:
+        raise UsageError(f"--label-conflicts must be one of {CONFLICT_POLICIES}, got {conflicts!r}")
     f = cache.read(fingerprint, tap)
     y = f.labels
     keep = y != ""
+    conflicted = keep & (f.conflicts != "")
+    if conflicts == "drop":
+        keep &= ~conflicted
     if keep.sum() == 0:
         raise UsageError(f"cache {cache.root} has no labelled rows for {f.fingerprint}/{tap}; "
                          "extract a folder with class subfolders or a CSV with a label column")
     vectors = f.vectors if keep.all() else f.vectors[keep]  # no copy of a possibly huge tap when all are labelled
-    return Labelled(f.fingerprint, tap, vectors, y[keep], f.sha256[keep], f.keys[keep])
+    return Labelled(f.fingerprint, tap, vectors, y[keep], f.sha256[keep], f.keys[keep], int(conflicted.sum()))
 
 
 def align(a: Labelled, b: Labelled) -> Labelled:

@@ -34,6 +34,7 @@ class TrainConfig:
     test_source: str | None = None
     seed: int = 0
     params: dict = field(default_factory=dict)  # per head kind: {kind: {param: value}}
+    label_conflicts: str = "drop"  # images found under several labels: "drop" them or "keep" their stored label
 
 
 @dataclass
@@ -122,10 +123,10 @@ def train(cfg: TrainConfig) -> tuple[dict, list[Evaluation]]:
     fp = cache.resolve_fingerprint(cfg.fingerprint)
     attrs = cache.group_attrs(fp)
     taps = list(dict.fromkeys(cfg.taps))
-    base = load_labelled(cache, fp, taps[0])
+    base = load_labelled(cache, fp, taps[0], cfg.label_conflicts)
     datasets = {taps[0]: base}
     for tap in taps[1:]:
-        datasets[tap] = align(base, load_labelled(cache, fp, tap))
+        datasets[tap] = align(base, load_labelled(cache, fp, tap, "keep"))
     split_info: dict = {}
     if cfg.cv:
         split = kfold(base.y, cfg.cv, cfg.seed)
@@ -154,6 +155,7 @@ def train(cfg: TrainConfig) -> tuple[dict, list[Evaluation]]:
     out = {
         "cache": str(cache.root), "fingerprint": fp, "backbone": attrs["backbone"].get("name"),
         "labelled_rows": len(base), "classes": len(np.unique(base.y)), "evaluation": split_info,
+        "label_conflicts": {"images": base.conflicts, "policy": cfg.label_conflicts},
         "results": results, "best": {"tap": summary["tap"], "head": summary["head"]},
         "metrics": ev.metrics, "train_seconds": summary["train_seconds"], "out": cfg.out,
     }
