@@ -230,7 +230,7 @@ def run_set(name: str, work: Path, limit: int | None, budget: float, seed: int, 
             "evaluation": adv["evaluation"], "extract": {"images": ex["unique_images"], "seconds": round(extract_seconds, 1)},
             "advise": {"seconds": round(advise_seconds, 1), "budget": budget, "recommendation": rec, "why": adv["why"],
                        "candidates": [{k: c.get(k) for k in ("name", "status", "accuracy", "interval", "test_rows",
-                                                              "train_rows", "vs_baseline", "clearly_better", "why",
+                                                              "train_rows", "vs_frozen", "clearly_better", "why",
                                                               "subset")} for c in adv["candidates"]],
                        "learning_curve": adv["learning_curve"], "imagenet_similarity": adv["imagenet_similarity"]},
             "reference": figures, "verdict": verdict(rec["name"], figures, outcomes, seed)}

@@ -340,16 +340,17 @@ def cmd_advise(args: argparse.Namespace) -> dict:
         lines = [f"{d['labelled']} labelled images, {d['classes']} classes (median {d['median_per_class']:.0f} per "
                  f"class, smallest {d['min_per_class']}); every strategy scored on the same {ev['test_rows']} test rows "
                  f"({how}, {ev['flags']})",
-                 f"{'strategy':34} {'accuracy':>8} {'95% interval':>16} {'vs frozen head (paired 95%)':>34}"]
+                 f"{'strategy':34} {'accuracy':>8} {'95% interval':>16} {'vs frozen head, paired (95%)':>34}"]
         for c in r["candidates"]:
             if c["status"] == "skipped":
                 lines.append(f"{c['name']:34} skipped: {c['why']}")
                 continue
-            vs = c["vs_baseline"]
+            vs = c["vs_frozen"]
             cmp = "baseline" if c["name"] == r["baseline"]["name"] else \
                 f"{vs['difference']:+.3f} [{vs['interval'][0]:+.3f}, {vs['interval'][1]:+.3f}]"
             mark = " clearly better" if c["clearly_better"] else (" worse" if vs["interval"][1] < 0 else "")
-            rows = f" ({c['test_rows']} rows)" if c["test_rows"] != ev["test_rows"] else ""
+            rows = f" ({c['test_rows']} test rows, {c['train_rows']} trained on)" if c.get("subset") or \
+                c["test_rows"] != ev["test_rows"] else ""
             lines.append(f"{c['name']:34} {c['accuracy']:8.3f} {interval(c['interval']):>16} {cmp:>25}{mark}{rows}")
         lc = r["learning_curve"]
         lines.append("learning curve (frozen logistic head): " + ", ".join(

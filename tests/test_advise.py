@@ -29,8 +29,8 @@ def _run_command(command: str, out: Path, capsys) -> dict:
 def _check_row(row: dict) -> None:
     lo, hi = row["interval"]
     assert 0 <= lo <= row["accuracy"] <= hi <= 1
-    dlo, dhi = row["vs_baseline"]["interval"]
-    assert dlo <= row["vs_baseline"]["difference"] <= dhi
+    dlo, dhi = row["vs_frozen"]["interval"]
+    assert dlo <= row["vs_frozen"]["difference"] <= dhi
     assert row["clearly_better"] == (dlo > 0)
 
 
@@ -46,7 +46,7 @@ def test_advise_json_measures_every_candidate_and_its_command_reproduces_the_fig
     rec = r["recommendation"]
     chosen = next(c for c in r["candidates"] if c["name"] == rec["name"])
     assert rec["name"] == BASELINE or (chosen["clearly_better"] and not chosen["measured_worse"])
-    assert chosen["vs_baseline"]["difference"] >= 0  # never a strategy that measured worse than the frozen head
+    assert chosen["vs_frozen"]["difference"] >= 0  # never a strategy that measured worse than the frozen head
     assert rec["accuracy"] > 0.75 and r["why"]
     trained = _run_command(rec["command"], tmp_path / "head", capsys)
     assert trained["metrics"]["accuracy"] == pytest.approx(rec["accuracy"], abs=1e-12)

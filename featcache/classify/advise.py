@@ -12,9 +12,10 @@ candidate is measured, within ``budget`` seconds, on one split shared by all (``
     new top layers on the last stage          reuse early layers, train new top layers + head
 
 plus a learning curve of the baseline (does more data still pay?). A strategy is recommended only
-if it is clearly better than the baseline: the 95 % paired-bootstrap interval of its accuracy minus
-the baseline's, on the same rows, lies above zero; otherwise the baseline is. So advise never
-recommends a strategy that measured worse. ImageNet similarity is shown per backbone (and as
+if it is clearly better than the frozen head: the 95 % paired-bootstrap interval of its accuracy
+minus the frozen head's, on the same test rows and trained on the same rows, lies above zero
+(a fine-tune the budget confined to a subset is compared with the frozen head trained on that
+subset); otherwise the baseline is. So advise never recommends a strategy that measured worse. ImageNet similarity is shown per backbone (and as
 agreement across backbones), for information only.
 
 Adding a strategy (an ensemble of cached backbones, say) is one more ``Candidate`` from
@@ -111,7 +112,11 @@ def head_candidate(ctx: Context, name: str, strategy: str, cell: str, tap: str, 
 
     def measure(c: Context) -> Outcome:
         data = c.tap_data(tap, fingerprint)
-        return head_outcome(data.X, data.y, c.split.folds, kind, c.seed)
+        out = head_outcome(data.X, data.y, c.split.folds, kind, c.seed)
+        if fingerprint and not np.array_equal(load_labelled(c.cache, fingerprint, tap).sha256, c.base.sha256):
+            out.details["note"] = ("this backbone's labelled rows differ from the advised one's (other images or "
+                                   "order): the command splits them differently, so its figure will differ a little")
+        return out
 
     return Candidate(name, strategy, cell, ctx.train_command(tap, kind, fingerprint),
                      lambda c: cost * c.seconds_per_dim * dim, measure)
@@ -153,10 +158,11 @@ def _row(c: Candidate, out: Outcome | None, base: Outcome, seed: int, skipped: s
     if out is None:
         return row | {"status": "skipped", "why": skipped}
     vs = paired_difference(out.correct, base.on(out.rows), seed)
+    fair = vs if out.frozen is None else paired_difference(out.correct, out.frozen, seed)
     row |= {"status": "measured", "accuracy": out.accuracy, "interval": wilson(int(out.correct.sum()), len(out.correct)),
             "test_rows": len(out.rows), "train_rows": out.train_rows, "seconds": round(out.seconds, 2),
-            "vs_baseline": vs, "clearly_better": vs["interval"][0] > 0, "measured_worse": vs["difference"] < 0,
-            **out.details}  # a fine-tune's details name its cut and command
+            "vs_baseline": vs, "vs_frozen": fair, "clearly_better": fair["interval"][0] > 0,
+            "measured_worse": fair["difference"] < 0, **out.details}  # a fine-tune's details: its cut, its command
     return row
 
 
@@ -183,28 +189,29 @@ def learning_curve(ctx: Context, base: Outcome) -> dict:
 
 def _recommend(rows: list[dict], base_row: dict, curve: dict, counts: np.ndarray) -> tuple[dict, list[str]]:
     better = [r for r in rows if r["status"] == "measured" and r["recommendable"] and r["clearly_better"]]
-    best = max(better, key=lambda r: r["vs_baseline"]["difference"], default=None)
+    best = max(better, key=lambda r: r["vs_frozen"]["difference"], default=None)
     why = []
     if best is None:
         best = base_row
         measured = [r for r in rows if r["status"] == "measured"]
-        top = max(measured, key=lambda r: r["vs_baseline"]["difference"], default=None)
+        top = max(measured, key=lambda r: r["vs_frozen"]["difference"], default=None)
         if top is None:
             why.append("nothing else could be measured within the budget")
         else:
-            d = top["vs_baseline"]
+            d = top["vs_frozen"]
             why.append(f"no strategy was clearly better than the frozen logistic head (the closest, {top['name']}, "
                        f"{d['difference']:+.3f}, 95% interval [{d['interval'][0]:+.3f}, {d['interval'][1]:+.3f}] "
                        "includes 0 or lies below it)")
     else:
-        d = best["vs_baseline"]
+        d = best["vs_frozen"]
         why.append(f"{best['name']} beat the frozen logistic head by {d['difference']:+.3f} on the same "
-                   f"{d['rows']} rows (95% interval [{d['interval'][0]:+.3f}, {d['interval'][1]:+.3f}])")
+                   f"{d['rows']} rows (95% interval [{d['interval'][0]:+.3f}, {d['interval'][1]:+.3f}])"
+                   + (f", both trained on the same {best['train_rows']} images" if best.get("subset") else ""))
         if best.get("subset"):
             why.append(best["subset"])
     for r in rows:
         if r["status"] == "measured" and not r["recommendable"] and r["clearly_better"]:
-            why.append(f"{r['name']} also measured clearly better ({r['vs_baseline']['difference']:+.3f}) but "
+            why.append(f"{r['name']} also measured clearly better ({r['vs_frozen']['difference']:+.3f}) but "
                        f"{r['note'].split(':')[0]}")
     rec = {k: best.get(k) for k in ("name", "strategy", "cell", "command", "accuracy", "interval", "test_rows")}
     more = curve.get("still_climbing") and (best.get("accuracy") or 0) < LOW

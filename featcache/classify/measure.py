@@ -73,6 +73,8 @@ class Outcome:
     train_rows: int  # training rows per fit (the largest fold's)
     details: dict = field(default_factory=dict)  # what else the strategy reports (a fine-tune's subset, cut, ...)
     steady_seconds: float | None = None  # the time without first-use costs (imports, warm-up): the cost model's input
+    frozen: np.ndarray | None = None  # trained on fewer rows than the baseline (a budget subset): the frozen head's
+    # correctness on the same rows when trained on the same subset, the fair comparison
 
     @property
     def accuracy(self) -> float:
