@@ -12,7 +12,7 @@ Every decode is bounded in time and memory by limits that do not depend on the f
 without bound; the pixel count is checked before decoding (``max_pixels``); the peak
 memory is estimated from the header and reserved from the process-wide decode budget
 (``budget.DECODE_BUDGET``) before any pixel is decoded, so concurrent decodes cannot add
-up past it; modes are converted in row strips; and an extreme aspect ratio is resized
+up past it; modes are converted a tile at a time; and an extreme aspect ratio is resized
 from the part that survives the centre crop, never through the whole resized image.
 Failure reasons start with a stable category ("not an image", "unsupported", "too large",
 "corrupt image", "truncated image") followed by ': ' and the specifics.
@@ -34,13 +34,13 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from ..errors import FeatcacheError, ImageError, TooLarge, UnsupportedMedia
 from .budget import DECODE_BUDGET
-from .headers import SUPPORTED, Header, sniff
+from .headers import SUPPORTED, Header, check_pixels, sniff
 from .spec import Preprocess
 
 DEFAULT_MAX_PIXELS = 64_000_000
 RESIZE_EXACT_MAX_PIXELS = 1 << 24  # resized images up to this size take torch's one-shot resize (aspect <= 256:1)
-STRIP_PIXELS = 1 << 20  # pixels converted to RGB at a time
-_STRIP_BYTES = 48 * STRIP_PIXELS  # the temporaries of one strip (float64 at worst)
+TILE_PIXELS = 1 << 20  # pixels converted to RGB at a time
+_TILE_BYTES = 48 * TILE_PIXELS  # the temporaries of one tile (float64 at worst)
 _FIXED_BYTES = 16 << 20  # small buffers of any decode
 _INTERP = {"bicubic": TF.InterpolationMode.BICUBIC, "bilinear": TF.InterpolationMode.BILINEAR}
 _ALPHA_MODES = ("RGBA", "LA", "PA", "La", "RGBa")
@@ -68,7 +68,7 @@ def decode_rgb(data: bytes, background: tuple[int, int, int] = (255, 255, 255), 
 
 def estimate_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, pre: Preprocess | None = None) -> int:
     """The peak memory ``load_image`` (or ``decode_rgb`` without ``pre``) reserves for ``data``."""
-    header = sniff(data)
+    header = sniff(data, max_pixels)
     if header.opens_eagerly:
         return _cost(header, data, header.size, "RGBA", pre)
     img = _open(data, header, max_pixels)
@@ -76,9 +76,8 @@ def estimate_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, pre: Prepr
 
 
 def _bounded(data: bytes, background: tuple[int, int, int], max_pixels: int, pre: Preprocess | None) -> torch.Tensor:
-    header = sniff(data)
-    if header.opens_eagerly:  # opening allocates the canvas: check and reserve from the container's numbers
-        _check_pixels(header.size, max_pixels)
+    header = sniff(data, max_pixels)
+    if header.opens_eagerly:  # opening allocates the canvas: reserve from the container's numbers first
         cost, img = _cost(header, data, header.size, "RGBA", pre), None
     else:
         img = _open(data, header, max_pixels)
@@ -89,15 +88,6 @@ def _bounded(data: bytes, background: tuple[int, int, int], max_pixels: int, pre
             img = _open(data, header, max_pixels)
         rgb = _decode(data, img, background)
         return rgb if pre is None else preprocess(rgb, pre)
-
-
-def _check_pixels(size: tuple[int, int], max_pixels: int) -> None:
-    w, h = size
-    if w <= 0 or h <= 0:
-        raise ImageError(f"corrupt image: invalid size {w}x{h}")
-    if w * h > max_pixels:
-        raise TooLarge(f"too large: image is {w}x{h} = {w * h:,} pixels, above the limit of {max_pixels:,} "
-                       "(decompression bomb?)")
 
 
 @contextlib.contextmanager
@@ -113,6 +103,8 @@ def _decoder_errors(stage: str) -> Iterator[None]:
         raise TooLarge(f"too large: out of memory while {stage}") from None
     except Exception as e:  # noqa: BLE001 - Pillow and its codecs raise many types for broken files
         msg = str(e) or type(e).__name__
+        if "too large" in msg.lower():  # Pillow's own limits (text chunks, ICC profiles)
+            raise TooLarge(f"too large: {stage}: {msg}") from None
         reason = "truncated image" if "truncated" in msg.lower() or isinstance(e, EOFError) else "corrupt image"
         raise ImageError(f"{reason}: {stage}: {msg}") from None
 
@@ -123,7 +115,7 @@ def _open(data: bytes, header: Header, max_pixels: int) -> Image.Image:
             img = Image.open(io.BytesIO(data), formats=[header.format])
         except UnidentifiedImageError:
             raise ImageError(f"corrupt image: not a readable {SUPPORTED[header.format]} file") from None
-    _check_pixels(img.size, max_pixels)
+    check_pixels(img.size, max_pixels)
     if header.size is not None and img.size[0] * img.size[1] > header.size[0] * header.size[1]:
         raise ImageError(f"corrupt image: a {img.size[0]}x{img.size[1]} frame in a {header.size[0]}x{header.size[1]} "
                          "container")
@@ -137,27 +129,29 @@ def _pillow_bytes_per_pixel(mode: str) -> int:
 
 
 def _cost(header: Header, data: bytes, size: tuple[int, int], mode: str, pre: Preprocess | None) -> int:
-    """Peak bytes of one decode, from the header: the decoded image, its RGB copy, an oriented copy, the resize."""
+    """Peak bytes of one decode, from the header (checked against VmHWM in tests/test_hostile_decode.py).
+
+    Phases: Pillow's image, the decoder's own buffers and the RGB array, converted a tile at a time;
+    then (Pillow's image closed) an oriented copy of the RGB array; then the resize's buffers. The
+    torchvision JPEG path needs less than Pillow's, which stays its fallback.
+    """
     w, h = size
     px = w * h
-    decoder = header.decoder_bytes + int(header.decoder_bytes_per_pixel * px) + len(data)
-    pillow = px * _pillow_bytes_per_pixel(mode) + decoder + 3 * px + _STRIP_BYTES + 3 * px
-    cost = pillow
-    if header.format == "JPEG" and mode in ("RGB", "L"):  # torchvision's path: bytes copy, HWC and CHW, then 4 B/px
-        cost = max(pillow, decoder + len(data) + 10 * px)  # more to turn CHW into channels-last in the resize
-    if pre is not None:
-        cost += _resize_bytes(h, w, pre)
-    return _FIXED_BYTES + cost
+    rgb = 3 * px
+    decoder = header.decoder_bytes + int(header.decoder_bytes_per_pixel * px) + 8 * w  # + a decoder's row buffers
+    decode = max(px * _pillow_bytes_per_pixel(mode) + decoder + rgb + _TILE_BYTES, 2 * rgb)
+    resize = rgb + _resize_bytes(h, w, pre) if pre is not None else 0
+    return _FIXED_BYTES + len(data) + max(decode, resize)
 
 
 def _resize_bytes(h: int, w: int, pre: Preprocess) -> int:
-    """The resize's own buffers: the horizontal pass, the output (bounded by the extreme-aspect path)."""
+    """The resize's own buffers: the horizontal pass and the output (small on the extreme-aspect path)."""
     oh, ow = _resized_size(h, w, pre.resize)
     if oh * ow > RESIZE_EXACT_MAX_PIXELS:
         return 64 * pre.resize * pre.resize
-    native = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
-    per_px = 8 if native else 24  # without AVX2 torchvision resizes bilinear through float32
-    return per_px * (h * ow + oh * ow) + (0 if native else 12 * h * w)
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        return 8 * (h * ow + oh * ow)
+    return 16 * h * w + 24 * (h * ow + oh * ow)  # without AVX2 torchvision resizes bilinear through float32
 
 
 def _resized_size(h: int, w: int, short: int) -> tuple[int, int]:
@@ -202,35 +196,46 @@ def _transpose_array(a: np.ndarray, method: Image.Transpose) -> np.ndarray:
             T.TRANSPOSE: lambda: a.transpose(1, 0, 2), T.TRANSVERSE: lambda: np.rot90(a, 2).transpose(1, 0, 2)}[method]()
 
 
+def _tiles(w: int, h: int) -> Iterator[tuple[int, int, int, int]]:
+    """Boxes of at most TILE_PIXELS covering the image: bands of rows, or pieces of one row if it is longer."""
+    if w <= TILE_PIXELS:
+        rows = TILE_PIXELS // w
+        for y in range(0, h, rows):
+            yield 0, y, w, min(h, y + rows)
+    else:
+        for y in range(h):
+            for x in range(0, w, TILE_PIXELS):
+                yield x, y, min(w, x + TILE_PIXELS), y + 1
+
+
 def _to_rgb_array(img: Image.Image, background: tuple[int, int, int]) -> np.ndarray:
-    """(H, W, 3) uint8, converted a strip of rows at a time so no full-size temporary exists but the output."""
+    """(H, W, 3) uint8, converted a tile at a time so that no full-size temporary exists but the output.
+
+    Every conversion is per pixel, so converting tiles gives the very pixels of converting the whole.
+    """
     w, h = img.size
     top = _value_range(img)
     out = np.empty((h, w, 3), dtype=np.uint8)
-    rows = max(1, STRIP_PIXELS // w)
-    for y in range(0, h, rows):
-        strip = img if rows >= h else img.crop((0, y, w, min(h, y + rows)))
-        out[y : y + rows] = _strip_rgb(strip, top, background)
+    for box in _tiles(w, h):
+        tile = img if box == (0, 0, w, h) else img.crop(box)
+        out[box[1] : box[3], box[0] : box[2]] = _tile_rgb(tile, top, background)
     return out
 
 
 def _value_range(img: Image.Image) -> float:
-    """The value that maps to 255 for 16/32-bit integer and float modes (from the whole image, not a strip)."""
+    """The value that maps to 255 for 16/32-bit integer and float modes (from the whole image, not a tile)."""
     mode = img.mode
     if mode.startswith("I;16"):
         return 65535
     if mode == "I":
         return 65535 if img.getextrema()[1] > 255 else 255
     if mode == "F":
-        w, h = img.size
-        rows = max(1, STRIP_PIXELS // w)
-        peak = max(np.nan_to_num(np.asarray(img.crop((0, y, w, min(h, y + rows))), dtype=np.float64)).max()
-                   for y in range(0, h, rows))
+        peak = max(np.nan_to_num(np.asarray(img.crop(box), dtype=np.float64)).max() for box in _tiles(*img.size))
         return 1.0 if peak <= 1.0 else 255.0
     return 255
 
 
-def _strip_rgb(img: Image.Image, top: float, background: tuple[int, int, int]) -> np.ndarray:
+def _tile_rgb(img: Image.Image, top: float, background: tuple[int, int, int]) -> np.ndarray:
     mode = img.mode
     if mode.startswith("I"):  # "I;16*" and "I": scaled, not clipped
         arr = np.asarray(img, dtype=np.int64)

@@ -44,11 +44,33 @@ class Header:
     size: tuple[int, int] | None = None  # (width, height) when known before opening
     opens_eagerly: bool = False  # Pillow allocates/decodes while opening: reserve memory before Image.open
     decoder_bytes: int = 0  # what the decoder allocates beyond the image (coefficients, canvases)
-    decoder_bytes_per_pixel: float = 0.0  # the same, per pixel of the (not yet known) size
+    decoder_bytes_per_pixel: float = 0.0  # the same, per pixel
+    scans: int = 0  # JPEG scans (each one a pass over every coefficient)
 
 
-def sniff(data: bytes) -> Header:
-    """The format and decoder costs of ``data``; raises an ``ImageError`` with a reason instead."""
+def sniff(data: bytes, max_pixels: int) -> Header:
+    """The format, size and decoder costs of ``data``; raises an ``ImageError`` with a reason instead."""
+    header = _sniff(data)
+    if header.size is not None:
+        check_pixels(header.size, max_pixels)
+        w, h = header.size
+        if header.scans * w * h > MAX_JPEG_SCAN_PIXELS:
+            raise TooLarge(f"too large: JPEG with {header.scans} scans over {w}x{h} pixels; decoding revisits every "
+                           f"pixel once per scan (limit {MAX_JPEG_SCAN_PIXELS:,} scan-pixels)")
+    return header
+
+
+def check_pixels(size: tuple[int, int], max_pixels: int) -> None:
+    """Refuse a size before anything of that size is allocated."""
+    w, h = size
+    if w <= 0 or h <= 0:
+        raise ImageError(f"corrupt image: invalid size {w}x{h}")
+    if w * h > max_pixels:
+        raise TooLarge(f"too large: image is {w}x{h} = {w * h:,} pixels, above the limit of {max_pixels:,} "
+                       "(decompression bomb?)")
+
+
+def _sniff(data: bytes) -> Header:
     if not data:
         raise ImageError("not an image: empty file (0 bytes)")
     head = data[:16]
@@ -69,7 +91,7 @@ def sniff(data: bytes) -> Header:
     if head.startswith(b"\x00\x00\x01\x00"):
         return _ico(data)
     if head[4:8] == b"ftyp" and head[8:12] in (b"avif", b"avis"):
-        return Header("AVIF", decoder_bytes_per_pixel=16.0)  # YUV planes up to 16-bit, alpha, RGBA
+        return Header("AVIF", decoder_bytes_per_pixel=12.0)  # YUV planes up to 16-bit, alpha, RGBA
     raise UnsupportedMedia(_unknown(data))
 
 
@@ -167,16 +189,13 @@ def _jpeg(data: bytes) -> Header:
     if frame is None:
         return Header("JPEG")  # no frame header: the decoders will say what is wrong
     width, height, sampling = frame
-    if scans * width * height > MAX_JPEG_SCAN_PIXELS:
-        raise TooLarge(f"too large: JPEG with {scans} scans over {width}x{height} pixels; decoding revisits every "
-                       f"pixel once per scan (limit {MAX_JPEG_SCAN_PIXELS:,} scan-pixels)")
     coef = 0
     if progressive or scans > 1:  # libjpeg keeps every DCT coefficient of the image until the last scan
         hmax = max((h for h, _ in sampling), default=1) or 1
         vmax = max((v for _, v in sampling), default=1) or 1
         for h, v in sampling:
             coef += 128 * (width * h // (8 * hmax) + h + 1) * (height * v // (8 * vmax) + v + 1)
-    return Header("JPEG", (width, height), decoder_bytes=coef)
+    return Header("JPEG", (width, height), decoder_bytes=coef, scans=scans)
 
 
 # --- PNG --------------------------------------------------------------------------------
@@ -194,32 +213,37 @@ def _png(data: bytes) -> Header:
             if frames > 1:  # Pillow stops reading at the second frame of an animation
                 break
         pos += 12 + length
-    return Header("PNG")
+    if data[12:16] != b"IHDR" or n < 26:
+        return Header("PNG")
+    width, height, depth, colour = _u32(data, 16), _u32(data, 20), data[24], data[25]
+    row = 1 + (width * {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}.get(colour, 4) * depth + 7) // 8
+    return Header("PNG", (width, height), decoder_bytes=2 * row)  # zlib's decoder unfilters against the previous row
 
 
 # --- GIF --------------------------------------------------------------------------------
 def _gif(data: bytes) -> Header:
+    """Blocks up to the first frame; the canvas Pillow makes: the screen, grown to hold the first frame."""
     n = len(data)
     if n < 13:
         raise ImageError("truncated image: GIF header is incomplete")
     flags = data[10]
     pos = 13 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)
     blocks = 0
-    while pos < n and data[pos] != 0x2C:  # up to the first image descriptor
-        if data[pos] == 0x3B:  # trailer
-            break
+    while pos < n and data[pos] not in (0x2C, 0x3B):  # up to the first image descriptor, or the trailer
         if data[pos] == 0x21 and pos + 1 < n:  # extension: label, then sub-blocks up to an empty one
             pos += 2
-            while pos < n and data[pos]:
+            while pos < n and data[pos] and blocks <= MAX_GIF_BLOCKS:
                 pos += 1 + data[pos]
                 blocks += 1
-                if blocks > MAX_GIF_BLOCKS:
-                    break
         blocks += 1  # the extension's terminator, or a stray byte Pillow steps over one at a time
         pos += 1
         if blocks > MAX_GIF_BLOCKS:
             raise TooLarge(f"too large: GIF has more than {MAX_GIF_BLOCKS:,} blocks before its first frame")
-    return Header("GIF")
+    width, height = _u16(data, 6, "<"), _u16(data, 8, "<")
+    if pos + 9 <= n and data[pos] == 0x2C:
+        x, y, w, h = struct.unpack_from("<HHHH", data, pos + 1)
+        width, height = max(width, x + w), max(height, y + h)
+    return Header("GIF", (width, height))
 
 
 # --- WebP -------------------------------------------------------------------------------
@@ -257,7 +281,7 @@ def _tiff(data: bytes) -> Header:
         raise ImageError("truncated image: TIFF header or first directory is incomplete") from None
     if count > 65_535:
         raise TooLarge(f"too large: TIFF directory has {count:,} entries")
-    samples, bits = 1, 8
+    samples, bits, width, height = 1, 8, 0, 0
     for i in range(count):
         at = entries + i * entry_size
         if at + entry_size > len(data):
@@ -268,41 +292,56 @@ def _tiff(data: bytes) -> Header:
             raise TooLarge(f"too large: TIFF tag {tag} holds {values:,} values (limit {MAX_TIFF_VALUES:,})")
         if tag in (273, 324) and values > MAX_TIFF_BLOCKS:  # StripOffsets, TileOffsets
             raise TooLarge(f"too large: TIFF first page has {values:,} strips or tiles (limit {MAX_TIFF_BLOCKS:,})")
-        if tag in (258, 277) and kind == 3:  # BitsPerSample (first value), SamplesPerPixel
-            value = _u16(data, at + 8, order) if values * 2 <= entry_size - 8 else 16
+        value_at = at + entry_size // 2 + 2  # the inline value: byte 8 of 12, or 12 of 20 (BigTIFF)
+        if tag in (256, 257) and kind in (3, 4, 16) and values == 1:  # ImageWidth, ImageLength
+            value = struct.unpack_from(order + {3: "H", 4: "I", 16: "Q"}[kind], data, value_at)[0]
+            width, height = (value, height) if tag == 256 else (width, value)
+        if tag in (258, 277) and kind == 3:  # BitsPerSample (first value, if inline), SamplesPerPixel
+            value = _u16(data, value_at, order) if values * 2 <= entry_size - value_at + at else 16
             samples, bits = (samples, value) if tag == 258 else (value, bits)
     # libtiff holds one raw strip or tile, which can be the whole page (at up to 64 bits x several samples).
     raw = min(64, samples) * min(64, bits) / 8
-    return Header("TIFF", decoder_bytes_per_pixel=max(4.0, raw) + 1.0)
+    return Header("TIFF", (width, height) if width and height else None, decoder_bytes_per_pixel=max(1.0, raw))
 
 
 # --- BMP, PNM, ICO ------------------------------------------------------------------------
 def _bmp(data: bytes) -> Header:
-    if len(data) >= 34 and _u32(data, 14, "<") >= 40 and _u32(data, 30, "<") in (1, 2) and len(data) > MAX_PY_DECODED_BYTES:
+    if len(data) < 26:
+        raise ImageError("truncated image: BMP header is incomplete")
+    info = _u32(data, 14, "<")
+    if info == 12:  # OS/2 1.x
+        size = (_u16(data, 18, "<"), _u16(data, 20, "<"))
+    else:
+        size = (abs(struct.unpack_from("<i", data, 18)[0]), abs(struct.unpack_from("<i", data, 22)[0]))
+    if info >= 40 and len(data) >= 34 and _u32(data, 30, "<") in (1, 2) and len(data) > MAX_PY_DECODED_BYTES:
         raise TooLarge(f"too large: run-length encoded BMP of {len(data):,} bytes (decoded in Python; limit "
                        f"{MAX_PY_DECODED_BYTES:,} bytes)")
-    return Header("BMP")
+    return Header("BMP", size)
 
 
 def _pnm(data: bytes) -> Header:
+    """Pillow reads the header one byte at a time: its tokens (and comments) must end early."""
     if data[1:2] in b"123" and len(data) > MAX_PY_DECODED_BYTES:
         raise TooLarge(f"too large: plain-text PNM of {len(data):,} bytes (decoded in Python; limit "
                        f"{MAX_PY_DECODED_BYTES:,} bytes)")
-    tokens = 2 if data[1:2] in b"14" else 3  # width, height, then maxval or scale
+    tokens: list[bytes] = []
+    need = 2 if data[1:2] in b"14" else 3  # width, height, then maxval or scale
     pos, end = 2, min(len(data), MAX_PNM_HEADER)
-    while tokens and pos < end:
+    while len(tokens) < need and pos < end:
         if data[pos] in b" \t\r\n\x0b\x0c":
             pos += 1
-        elif data[pos] == 0x23:  # comment to the end of the line
-            stop = min((i for i in (data.find(b"\n", pos, end), data.find(b"\r", pos, end)) if i >= 0), default=end)
-            pos = stop + 1
+        elif data[pos] == 0x23:  # a comment, to the end of the line
+            stops = [i for i in (data.find(b"\n", pos, end), data.find(b"\r", pos, end)) if i >= 0]
+            pos = min(stops, default=end) + 1
         else:
+            start = pos
             while pos < end and data[pos] not in b" \t\r\n\x0b\x0c#":
                 pos += 1
-            tokens -= 1
-    if tokens and len(data) > MAX_PNM_HEADER:
+            tokens.append(data[start:pos])
+    if len(tokens) < need and len(data) > MAX_PNM_HEADER:
         raise ImageError(f"corrupt image: PNM header is longer than {MAX_PNM_HEADER:,} bytes")
-    return Header("PPM")
+    size = (int(tokens[0]), int(tokens[1])) if len(tokens) >= 2 and tokens[0].isdigit() and tokens[1].isdigit() else None
+    return Header("PPM", size)
 
 
 def _ico(data: bytes) -> Header:
@@ -325,4 +364,4 @@ def _ico(data: bytes) -> Header:
             raise ImageError(f"truncated image: ICO image {i} is missing")
         if w * h > width * height:
             width, height = w, h
-    return Header("ICO", (width, height), opens_eagerly=True, decoder_bytes_per_pixel=16.0)
+    return Header("ICO", (width, height), opens_eagerly=True, decoder_bytes_per_pixel=12.0)
