@@ -92,9 +92,14 @@ def _bounded(data: bytes, background: tuple[int, int, int], max_pixels: int, pre
 
 @contextlib.contextmanager
 def _decoder_errors(stage: str) -> Iterator[None]:
-    """Whatever a decoder raises on bad bytes becomes an ImageError whose reason starts with a category."""
+    """Whatever a decoder raises on bad bytes becomes an ImageError whose reason starts with a category.
+
+    Decoder warnings (corrupt EXIF, odd sizes) are silenced: the outcome is the result or the reason.
+    """
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
     except FeatcacheError:
         raise
     except Image.DecompressionBombError as e:
@@ -168,8 +173,7 @@ def _decode(data: bytes, img: Image.Image, background: tuple[int, int, int]) -> 
                                apply_exif_orientation=True)
         except RuntimeError:
             pass  # let Pillow try (and name the problem) instead
-    with _decoder_errors("decoding"), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with _decoder_errors("decoding"):
         img.seek(0)
         img.load()
         method = _orientation(img)

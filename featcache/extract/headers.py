@@ -50,7 +50,10 @@ class Header:
 
 def sniff(data: bytes, max_pixels: int) -> Header:
     """The format, size and decoder costs of ``data``; raises an ``ImageError`` with a reason instead."""
-    header = _sniff(data)
+    try:
+        header = _sniff(data)
+    except (struct.error, IndexError):  # a field the parser needs lies past the end
+        raise ImageError(f"truncated image: the header ends early ({len(data):,} bytes)") from None
     if header.size is not None:
         check_pixels(header.size, max_pixels)
         w, h = header.size
