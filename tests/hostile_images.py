@@ -328,6 +328,7 @@ def broken() -> list[Hostile]:
         Hostile("photoshop.png", b"8BPS\x00\x01" + b"\x00" * 6 + b"\x00\x03" + struct.pack(">II", 64, 64)
                 + b"\x00\x08\x00\x03" + b"\x00" * 64, "unsupported"),
         Hostile("jpeg2000.jpg", encode(real_photo(3).resize((64, 64)), "JPEG2000"), "unsupported"),
+        Hostile("phone.heic.jpg", b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + b"\x00" * 512, "unsupported"),
     ]
 
 

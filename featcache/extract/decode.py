@@ -108,7 +108,7 @@ def _decoder_errors(stage: str) -> Iterator[None]:
         raise TooLarge(f"too large: out of memory while {stage}") from None
     except Exception as e:  # noqa: BLE001 - Pillow and its codecs raise many types for broken files
         msg = str(e) or type(e).__name__
-        if "too large" in msg.lower():  # Pillow's own limits (text chunks, ICC profiles)
+        if "too large" in msg.lower() or "too much memory" in msg.lower():  # Pillow's limits (text chunks, ICC)
             raise TooLarge(f"too large: {stage}: {msg}") from None
         reason = "truncated image" if "truncated" in msg.lower() or isinstance(e, EOFError) else "corrupt image"
         raise ImageError(f"{reason}: {stage}: {msg}") from None

@@ -85,7 +85,7 @@ def _sniff(data: bytes) -> Header:
         return _gif(data)
     if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
         return _webp(data)
-    if head.startswith((b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")):
+    if head.startswith((b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+", b"MM*\x00", b"II\x00*")):  # as Pillow
         return _tiff(data)
     if head.startswith(b"BM"):
         return _bmp(data)
@@ -93,9 +93,25 @@ def _sniff(data: bytes) -> Header:
         return _pnm(data)
     if head.startswith(b"\x00\x00\x01\x00"):
         return _ico(data)
-    if head[4:8] == b"ftyp" and head[8:12] in (b"avif", b"avis"):
-        return Header("AVIF", decoder_bytes_per_pixel=12.0)  # YUV planes up to 16-bit, alpha, RGBA
+    if head[4:8] == b"ftyp":
+        return _isobmff(data)
     raise UnsupportedMedia(_unknown(data))
+
+
+def _isobmff(data: bytes) -> Header:
+    """AVIF is decoded; other HEIF brands (HEIC from phones) are named, not mistaken for broken AVIF."""
+    box = min(len(data), max(16, _u32(data, 0)), 4096)
+    brands = {data[i : i + 4] for i in range(8, box - 3, 4)}
+    if brands & {b"avif", b"avis"}:
+        return Header("AVIF", decoder_bytes_per_pixel=12.0)  # YUV planes up to 16-bit, alpha, RGBA
+    if brands & {b"heic", b"heix", b"hevc", b"heim", b"heis", b"mif1", b"msf1"}:
+        raise UnsupportedMedia(f"unsupported: HEIF/HEIC images are not decoded (supported: {_supported()})")
+    raise UnsupportedMedia(f"unsupported: ISO media ({data[8:12].decode('latin-1')!r}) is not an image format "
+                           f"featcache decodes (supported: {_supported()})")
+
+
+def _supported() -> str:
+    return ", ".join(sorted(set(SUPPORTED.values())))
 
 
 def _unknown(data: bytes) -> str:
@@ -106,8 +122,7 @@ def _unknown(data: bytes) -> str:
     for name, (_, accept) in Image.OPEN.items():
         try:
             if accept is not None and name not in SUPPORTED and accept(prefix) is True:
-                return (f"unsupported: {name} images are not decoded (supported: "
-                        f"{', '.join(sorted(set(SUPPORTED.values())))})")
+                return f"unsupported: {name} images are not decoded (supported: {_supported()})"
         except Exception:  # noqa: BLE001 - an accept() that trips over a short prefix just says no
             continue
     return "not an image: unrecognised format"
