@@ -39,15 +39,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from featcache.datasets import imagenet20  # noqa: E402
-from tests.hostile_images import Hostile, hostile_corpus  # noqa: E402
+from tests.hostile_images import Hostile, hostile_classes  # noqa: E402
 
 GB = 1 << 30
 TARGETS = {"extract_peak_rss_bytes": 2 * GB, "serve_peak_rss_bytes": int(2.5 * GB)}
 
 
-def build_folder(root: Path) -> tuple[list[Hostile], int]:
-    """The corpus under root/hostile, the real photos under root/photos; returns (corpus, photos)."""
-    corpus = hostile_corpus()
+def build_folder(root: Path, corpus: list[Hostile]) -> int:
+    """The corpus under root/hostile, the real photos under root/photos; returns how many photos."""
     (root / "hostile").mkdir(parents=True)
     (root / "photos").mkdir()
     for h in corpus:
@@ -55,7 +54,7 @@ def build_folder(root: Path) -> tuple[list[Hostile], int]:
     photos = imagenet20()
     for path, _ in photos:
         shutil.copy(path, root / "photos" / path.name)
-    return corpus, len(photos)
+    return len(photos)
 
 
 def extract_child(folder: Path, cache: Path) -> tuple[subprocess.CompletedProcess, float, int]:
@@ -138,15 +137,21 @@ async def upload_all(url: str, files: list[Hostile]) -> list[dict]:
         return list(await asyncio.gather(*(one(h) for h in files)))
 
 
-def pick(files: list[Hostile], n: int) -> list[Hostile]:
-    """``n`` files, cycling through them when there are fewer (largest first, so the heavy ones are in)."""
-    ordered = sorted(files, key=lambda h: -len(h.data))
-    return [ordered[i % len(ordered)] for i in range(n)]
+ISSUE_PAIR = ("wide_65535x1.png", "tall_1x65535.png")  # the two files of issue 10's report
 
 
-def run_serve(cache: Path, corpus: list[Hostile], clients: int) -> dict:
-    bad = pick([h for h in corpus if h.expect], clients)
-    heavy_good = pick([h for h in corpus if not h.expect], clients)
+def pick(classes: dict[str, list[Hostile]], must_fail: bool, n: int) -> list[Hostile]:
+    """``n`` uploads: the issue's pair first, then one file of each class in turn (largest first)."""
+    pools = [sorted((h for h in files if bool(h.expect) == must_fail), key=lambda h: (h.name not in ISSUE_PAIR,
+                                                                                    -len(h.data)))
+             for files in classes.values()]
+    pools.sort(key=lambda pool: not any(h.name in ISSUE_PAIR for h in pool))
+    order = [pool[i] for i in range(max(map(len, pools))) for pool in pools if i < len(pool)]
+    return [order[i % len(order)] for i in range(n)]
+
+
+def run_serve(cache: Path, classes: dict[str, list[Hostile]], clients: int) -> dict:
+    bad, heavy_good = pick(classes, True, clients), pick(classes, False, clients)
     photo = Hostile("photo.jpg", imagenet20()[0][0].read_bytes(), "")
     with serving("--cache", str(cache), "--device", "cpu") as (url, ready_s, pid), PeakWatcher(pid) as watch:
         asyncio.run(upload_all(url, [photo] * clients))  # warm: the model has run, the pools exist
@@ -203,10 +208,12 @@ def main() -> None:
     work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="featcache-hostile-"))
     try:
         t = time.perf_counter()
-        corpus, photos = build_folder(work / "folder")
+        classes = hostile_classes()
+        corpus = [h for files in classes.values() for h in files]
+        photos = build_folder(work / "folder", corpus)
         built = time.perf_counter() - t
         extract = run_extract(work, corpus, photos)
-        serve = run_serve(work / "cache", corpus, a.clients) if extract["exit_code"] == 0 else {}
+        serve = run_serve(work / "cache", classes, a.clients) if extract["exit_code"] == 0 else {}
     finally:
         if not a.work:
             shutil.rmtree(work, ignore_errors=True)

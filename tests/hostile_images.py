@@ -332,7 +332,12 @@ def broken() -> list[Hostile]:
     ]
 
 
+def hostile_classes() -> dict[str, list[Hostile]]:
+    """Every class by name, in a stable order."""
+    builders = (extreme_aspect, huge_frames, many_frames, progressive_scans, python_walked_metadata, at_the_limits,
+                broken)
+    return {b.__name__: b() for b in builders}
+
+
 def hostile_corpus() -> list[Hostile]:
-    """Every class, in a stable order."""
-    return (extreme_aspect() + huge_frames() + many_frames() + progressive_scans() + python_walked_metadata()
-            + at_the_limits() + broken())
+    return [h for files in hostile_classes().values() for h in files]
