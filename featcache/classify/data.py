@@ -77,7 +77,7 @@ def source_split(data: Labelled, source: str) -> tuple[np.ndarray, np.ndarray, d
     """(train, test) indices: rows whose image content (sha256) or key is in SOURCE are the test set."""
     from ..extract.sources import list_source
 
-    items, _ = list_source(source, "none")
+    items = list_source(source, "none").items
     if not items:
         raise NotFoundError(f"--test-source {source} holds no images")
     hashes = set()
