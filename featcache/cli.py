@@ -70,7 +70,8 @@ def cmd_extract(args: argparse.Namespace) -> dict:
         t = r["timings"]
         lines = [
             f"cache        {r['cache']}",
-            f"backbone     {r['backbone']}  fingerprint {r['fingerprint']}  ({r['device']}, {r['precision']})",
+            *(f"backbone     {b['backbone']}  fingerprint {b['fingerprint']}  ({b['device']}, {b['precision']})"
+              for b in r["backbones"]),
             f"taps         {', '.join(r['taps'])}",
             f"files        {r['files']}  unique images {r['unique_images']}  duplicates {r['duplicate_files']}",
             f"cached       {r['already_cached']} already, {r['extracted']} extracted now, {r['failed']} failed",
@@ -380,7 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("extract", "embed a folder or CSV of images into the cache (resumable)")
     sp.add_argument("source", help="folder (first-level subfolders are labels) or CSV of path[,label]")
     sp.add_argument("--cache", default="featcache-cache", help="cache directory (default: ./featcache-cache)")
-    sp.add_argument("--backbone", default="efficientnet_lite0", help="built-in name, timm:ARCH, torchvision:ARCH or a backbone dir")
+    sp.add_argument("--backbone", nargs="+", default=["efficientnet_lite0"],
+                    help="built-in name, timm:ARCH, torchvision:ARCH or a backbone dir; several: each image is "
+                         "decoded once and embedded by each (one fingerprint each)")
     sp.add_argument("--weights", help="weights file, 'download' (online) or 'random'")
     sp.add_argument("--taps", nargs="+", default=["final"], help="taps to store (final, stage1..N)")
     sp.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
