@@ -2,22 +2,24 @@
 
 Everything is served from files installed with the packages, so the pages work with no network:
 the page from ``featcache/service/ui/``, Swagger UI's and ReDoc's scripts from ``fastapi-offline``'s
-copies. The pages hold no data and no secret and are the same for every server, so they are open
+copies (ReDoc's with its one network fetch, a logo, taken out). The pages hold no data and no secret and are the same for every server, so they are open
 without the API key; the data they show comes from ``/v1/*``, which needs it when one is set.
 """
 
 from __future__ import annotations
 
+import functools
 from importlib import resources
 from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
-from fastapi.responses import HTMLResponse, RedirectResponse
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 UI_DIR = Path(__file__).resolve().parent.parent / "ui"
 DOCS_ASSETS = "/docs-assets"
+REDOC_LOGO = b"https://cdn.redoc.ly/redoc/logo-mini.svg"
 
 
 def docs_assets_dir() -> Path:
@@ -25,11 +27,24 @@ def docs_assets_dir() -> Path:
     return Path(str(resources.files("fastapi_offline") / "static"))
 
 
+@functools.cache
+def redoc_js() -> bytes:
+    """ReDoc's standalone script with the one file it fetches from the network at run time (the
+    "API docs by Redocly" logo) replaced by an empty image, which ReDoc then leaves out."""
+    js = (docs_assets_dir() / "redoc.standalone.js").read_bytes()
+    return js.replace(REDOC_LOGO, b"data:,")
+
+
 def add_pages(app: FastAPI) -> None:
     """Mount ``/ui`` (the page), ``/docs`` and ``/redoc`` (offline), and send ``/`` to the page."""
+    title = f"{app.title} {app.version}"
+
+    @app.get(f"{DOCS_ASSETS}/redoc.standalone.js", include_in_schema=False)  # before the mount, which would take it
+    async def redoc_script() -> Response:
+        return Response(redoc_js(), media_type="text/javascript", headers={"Cache-Control": "public, max-age=3600"})
+
     app.mount("/ui", StaticFiles(directory=UI_DIR, html=True), name="ui")
     app.mount(DOCS_ASSETS, StaticFiles(directory=docs_assets_dir()), name="docs-assets")
-    title = f"{app.title} {app.version}"
 
     @app.get("/", include_in_schema=False)
     async def root() -> RedirectResponse:

@@ -114,13 +114,25 @@ function card(item, right = "", note = null) {
   return { node: c, ready: loadThumb(img, item.sha256) };
 }
 
-// Fill a grid with cards and resolve once every thumbnail is decoded (grid.dataset.state = "ready").
+// Fill a grid with cards; once every thumbnail is decoded, mark it ready (grid.dataset.state = "ready").
+// Resolves false when a newer fill replaced these cards meanwhile (then this one marks nothing).
 async function fillGrid(grid, cards, emptyText) {
+  const token = {};
+  grid.fillToken = token;
   grid.dataset.state = "loading";
   grid.replaceChildren(...cards.map((c) => c.node));
   if (!cards.length) grid.append(el("p", { class: "empty", text: emptyText }));
   await Promise.all(cards.map((c) => c.ready));
+  if (grid.fillToken !== token) return false;
   grid.dataset.state = "ready";
+  return true;
+}
+
+// Call at the start of a request's work; the function it returns says whether no newer one of the same name began.
+const generation = {};
+function latest(name) {
+  const mine = (generation[name] = (generation[name] || 0) + 1);
+  return () => generation[name] === mine;
 }
 
 function pager(box, page, total, size, onPage) {
@@ -149,25 +161,31 @@ function setQuery(src, caption) {
 
 async function runSearch(query) {
   state.query = query;
+  const current = latest("search");  // a newer search wins over a slower older one
   showError(null);
   performance.mark("search-start");
   const grid = $("results");
   const k = kValue();
   const form = query.file ? formOf({ image: query.file, k }) : formOf({ key: query.key, k });
-  classify(query);
+  // An upload is embedded for both requests, side by side; a cached image is classified after its grid
+  // (its cached vector needs no model), so the grid the person waits for goes first.
+  if (query.file) classify(query);
   try {
     const res = await api("/v1/search", { form });
+    if (!current()) return;
     $("results-title").textContent = `${res.hits.length} nearest neighbours`;
     $("results-note").textContent = `of ${query.file ? query.file.name : shortKey(query.key)}`;
-    await fillGrid(grid, res.hits.map((h) => card(h, h.score.toFixed(3))), "no neighbours");
     grid.dataset.query = query.key || query.file.name;
+    if (!(await fillGrid(grid, res.hits.map((h) => card(h, h.score.toFixed(3))), "no neighbours"))) return;
     performance.mark("search-ready");
     performance.measure("search", "search-start", "search-ready");
   } catch (e) {
+    if (!current()) return;
     grid.replaceChildren();
     grid.dataset.state = "error";
     showError(e);
   }
+  if (!query.file && current()) classify(query);
 }
 
 async function classify(query) {
@@ -180,12 +198,14 @@ async function classify(query) {
   if (query.file) fields.image = query.file; else fields.sha256 = query.sha;
   try {
     const res = await api("/v1/classify", { form: formOf(fields) });
+    if (state.query !== query) return;  // another image was chosen meanwhile
     list.replaceChildren(...res.top.map((t) => {
       const bar = el("div", { class: "bar" }, el("span"), el("b", { text: t.label }));
       bar.firstChild.style.width = `${(t.probability * 100).toFixed(1)}%`;
       return el("li", {}, bar, el("span", { class: "num", text: t.probability.toFixed(3) }));
     }));
   } catch (e) {
+    if (state.query !== query) return;
     list.replaceChildren(el("li", { class: "wrong", text: e instanceof ApiError ? e.toString() : String(e) }));
   }
 }
@@ -221,11 +241,13 @@ async function loadLabels() {
 }
 
 async function browse(label, page) {
+  const current = latest("browse");
   state.browse = { label, page };
   for (const a of $("labels").querySelectorAll("a")) a.classList.toggle("active", (a.dataset.label ?? null) === label);
   const q = new URLSearchParams({ offset: page * PAGE, limit: PAGE });
   if (label !== null) q.set("label", label);
   const res = await api(`/v1/images?${q}`);
+  if (!current()) return;
   $("browse-title").textContent = label === null ? "All images" : `Label: ${label || "(unlabelled)"}`;
   pager($("browse-pager"), page, res.total, PAGE, (p) => go("browse", { ...(label !== null && { label }), page: p }));
   await fillGrid($("browse-grid"), res.images.map((i) => card(i)), "no images");
@@ -233,6 +255,7 @@ async function browse(label, page) {
 
 // ---- check: mistakes and near-duplicates -----------------------------------------------------
 async function check(head, which, page) {
+  const current = latest("check");
   state.check = { ...state.check, which, page };
   for (const a of document.querySelectorAll(".tabs a")) a.classList.toggle("active", a.dataset.which === which);
   if (!head) {
@@ -245,6 +268,7 @@ async function check(head, which, page) {
   $("check-grid").dataset.state = "loading";
   const size = 24;
   const res = await api(`/v1/heads/${encodeURIComponent(head)}/review?which=${which}&offset=${page * size}&limit=${size}`);
+  if (!current()) return;
   $("check-summary").textContent = `${res.head}: out-of-fold accuracy ${(res.accuracy * 100).toFixed(1)}% over `
     + `${res.rows.toLocaleString()} labelled images (${res.folds}-fold cross-validation of the head's type and `
     + `parameters, ${res.seconds.toFixed(1)} s). ${which === "wrong" ? `${res.total} mistakes, most confident first`
@@ -257,11 +281,13 @@ async function check(head, which, page) {
 }
 
 async function duplicates(page) {
+  const current = latest("duplicates");
   state.check.dupPage = page;
   const threshold = parseFloat($("dup-threshold").value) || 0.97;
   const size = 10;
   $("dup-summary").textContent = "finding near-duplicates…";
   const res = await api(`/v1/duplicates?threshold=${threshold}&offset=${page * size}&limit=${size}`);
+  if (!current()) return;
   $("dup-summary").textContent = `${res.total} groups, ${res.duplicates} duplicate images among `
     + `${res.images.toLocaleString()} at cosine ≥ ${res.threshold}. Click an image to search its neighbours.`;
   pager($("dup-pager"), page, res.total, size, (p) => duplicates(p).catch(showError));
@@ -331,7 +357,7 @@ async function start() {
     $("key-forget").hidden = !state.needsKey;
     state.info = await api("/v1/info");
   } catch (e) {
-    if (!(e instanceof ApiError && e.status === 401)) showError(e);
+    showError(e);  // a wrong key too: the form is back, the banner says why
     return;
   }
   const info = state.info;
@@ -364,6 +390,7 @@ function wire() {
   }
   $("key-form").addEventListener("submit", (e) => {
     e.preventDefault();
+    showError(null);
     sessionStorage.setItem(KEY_STORE, $("key-input").value.trim());
     $("key-input").value = "";
     start();
