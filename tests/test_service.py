@@ -453,6 +453,20 @@ def test_thumbnails_by_content_hash(client, served, imagenet_cache):
     assert client.get("/v1/info").json()["thumbnails"]["hits"] >= 1
 
 
+def test_thumbnail_memory_is_bounded_in_bytes_least_recently_used_first():
+    from featcache.service.thumbnails import ThumbnailCache
+
+    lru = ThumbnailCache(max_bytes=1000)
+    for i in range(3):
+        lru.put((f"s{i}", 64), bytes(300))
+    assert lru.bytes == 900 and lru.get(("s0", 64)) is not None  # s0 is now the most recent
+    lru.put(("s3", 64), bytes(300))  # over 1000: the least recently used (s1) goes
+    assert lru.get(("s1", 64)) is None and lru.get(("s0", 64)) is not None and lru.bytes == 900
+    lru.put(("huge", 64), bytes(2000))  # larger than the whole budget: not kept, nothing evicted for it
+    assert lru.get(("huge", 64)) is None and lru.bytes == 900
+    assert lru.describe() == {"items": 3, "bytes": 900, "max_bytes": 1000, "hits": 2, "misses": 2}
+
+
 def test_thumbnail_of_a_changed_or_gone_file_is_410(imagenet_dir, tmp_path, lite0_embedder):
     """The file is re-hashed: bytes that no longer match the image's identity are never shown under it."""
     from featcache.extract.pipeline import ExtractConfig, Extraction

@@ -18,7 +18,7 @@ from ..store.cache import STATUS_OK, FeatureCache
 
 
 @dataclass(frozen=True)
-class Image:
+class CachedImage:
     sha256: str
     key: str
     label: str | None  # None: unlabelled
@@ -58,11 +58,11 @@ class Catalogue:
     def __contains__(self, sha256: str) -> bool:
         return sha256 in self._pos
 
-    def _at(self, i: int) -> Image:
+    def _at(self, i: int) -> CachedImage:
         label = str(self.labels[i])
-        return Image(str(self.sha256[i]), str(self.keys[i]), label or None, self.paths[i])
+        return CachedImage(str(self.sha256[i]), str(self.keys[i]), label or None, self.paths[i])
 
-    def get(self, sha256: str) -> Image:
+    def get(self, sha256: str) -> CachedImage:
         i = self._pos.get(sha256)
         if i is None:
             raise NotFoundError(f"no image with sha256 {sha256} in the served cache")
@@ -76,7 +76,7 @@ class Catalogue:
         """(label, images) for every label, "" for unlabelled images, by label."""
         return [(name, count) for name, (_, count) in self._label_span.items()]
 
-    def page(self, label: str | None, offset: int, limit: int) -> tuple[int, list[Image]]:
+    def page(self, label: str | None, offset: int, limit: int) -> tuple[int, list[CachedImage]]:
         """(total, images) of one label ("" for unlabelled; None for all), sorted by label then key."""
         if label is None:
             start, total = 0, len(self)

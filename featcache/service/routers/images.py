@@ -7,7 +7,7 @@ import time
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
 
-from ..catalogue import Image
+from ..catalogue import CachedImage
 from ..deps import get_state
 from ..models import ImageItem, ImagesResponse, LabelCount, LabelsResponse
 from ..state import ServiceState
@@ -21,7 +21,7 @@ SHA256 = Path(pattern="^[0-9a-f]{64}$", description="the image's content hash (l
 CACHE_CONTROL = "private, max-age=31536000, immutable"
 
 
-def item(img: Image) -> ImageItem:
+def item(img: CachedImage) -> ImageItem:
     return ImageItem(sha256=img.sha256, key=img.key, label=img.label)
 
 
