@@ -42,7 +42,8 @@ from tests.browser import chromium, open_page  # noqa: E402
 
 FC = [sys.executable, "-m", "featcache.cli"]
 
-# Resolves with ms from the click to a painted grid of k decoded thumbnails showing the clicked image's neighbours.
+# Resolves with [ms from the click to a painted grid of k decoded thumbnails of the clicked image's neighbours,
+# thumbnails the page fetched for it (the others it already held)].
 CLICK_JS = """async ([sha, k]) => {
   const grid = document.querySelector('#results');
   const card = grid.querySelector(`.card[data-sha="${sha}"]`);
@@ -57,7 +58,10 @@ CLICK_JS = """async ([sha, k]) => {
     obs.observe(grid, { attributes: true, childList: true });
   });
   await new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(r)));
-  return performance.now() - t0;
+  const ms = performance.now() - t0;
+  const fetched = performance.getEntriesByType('resource')
+    .filter((r) => r.startTime >= t0 && r.name.includes('/thumbnail')).length;
+  return [ms, fetched];
 }"""
 
 
@@ -124,18 +128,22 @@ def browser_figures(url: str, start: dict, loads: int, clicks: int, k: int) -> d
         page.dispatch_event("#k", "change")
         page.wait_for_function(f"document.querySelectorAll('#results .card').length === {k} && "
                                "document.querySelector('#results').dataset.state === 'ready'", timeout=120_000)
+        page.evaluate("performance.setResourceTimingBufferSize(1000000)")
         rng = random.Random(0)
+        fetched = []
         seen = {start["sha256"]}
         for _ in range(clicks):
             shas = page.eval_on_selector_all("#results .card", "cs => cs.map(c => c.dataset.sha)")
             fresh = [s for s in shas if s not in seen] or shas
             sha = rng.choice(fresh[: max(1, len(fresh) // 2)])
             seen.add(sha)
-            click_ms.append(page.evaluate(CLICK_JS, [sha, k]))
+            ms, n = page.evaluate(CLICK_JS, [sha, k])
+            click_ms.append(ms)
+            fetched.append(n)
         assert not watch.errors, watch.errors
     return {"first_contentful_paint_ms": [round(p, 1) for p in paints], "first_paint_ms_p50": pct(paints, 50),
             "click_to_grid_ms_p50": pct(click_ms, 50), "click_to_grid_ms_p90": pct(click_ms, 90),
-            "clicks": clicks, "k": k}
+            "clicks": clicks, "k": k, "thumbnails_fetched_per_click_mean": round(float(np.mean(fetched)), 1)}
 
 
 def main() -> None:
@@ -152,11 +160,9 @@ def main() -> None:
     cache, head, index = build(work, a.images)
     with serving("--cache", str(cache), "--head", f"fmnist={head}", "--index", str(index)) as (url, ready_s, _):
         info = httpx.get(url + "/v1/info").json()
-        listing = httpx.get(url + "/v1/images", params={"limit": 200}).json()["images"]
-        shas = [i["sha256"] for i in httpx.get(url + "/v1/images", params={"limit": 200, "offset": 5000 % max(
-            1, info["images"])}).json()["images"]][: a.thumbs]
-        thumbs = thumbnails(url, shas)
-        figures = browser_figures(url, listing[len(listing) // 2], a.loads, a.clicks, a.k)
+        listing = httpx.get(url + "/v1/images", params={"limit": 200, "offset": info["images"] // 2}).json()["images"]
+        figures = browser_figures(url, listing[0], a.loads, a.clicks, a.k)  # first: no thumbnail cached yet
+        thumbs = thumbnails(url, [i["sha256"] for i in listing[-a.thumbs:]])
     r = {"command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
          "images": info["images"], "index": info["index"]["kind"], "cpus": available_cpus(),
          "server_ready_seconds": round(ready_s, 1), **figures, "thumbnails": thumbs,
