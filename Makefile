@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 FC     := $(VENV)/bin/featcache
 CACHE  ?= featcache-cache
-DEBS   := tuxpaint-stamps-default dataset-fashion-mnist
+DEBS   := tuxpaint-stamps-default dataset-fashion-mnist chromium
 
 .PHONY: setup demo test ci bench lint
 setup: .setup-done

@@ -213,7 +213,7 @@ def cmd_serve(args: argparse.Namespace) -> dict:
                         device=args.device, batching={"auto": None, "on": True, "off": False}[args.batching],
                         max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, model_workers=args.model_workers,
                         max_upload_bytes=args.max_upload_mb * 1024 * 1024, max_pixels=args.max_pixels)
-    serve(cfg, args.host, args.port)
+    serve(cfg, args.host, args.port, log_level=args.log_level, access_log=args.access_log)
     return {}
 
 
@@ -433,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--tap", default="final")
     sp.add_argument("--threshold", type=float, default=0.97, help="cosine at or above which two images are duplicates")
 
-    sp = add("serve", "HTTP service: embed, classify, search (binds 127.0.0.1 by default)")
+    sp = add("serve", "HTTP service and web page (/ui/): embed, classify, search, browse (binds 127.0.0.1 by default)")
     sp.add_argument("--cache", default="featcache-cache")
     sp.add_argument("--fingerprint")
     sp.add_argument("--head", action="append", metavar="NAME=HEAD_DIR", help="a head bundle to serve (repeatable)")
@@ -450,6 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="forward passes run at once, each on CPUs/N torch threads (default: one per core on CPU, 1 on GPU)")
     sp.add_argument("--max-upload-mb", type=int, default=16)
     sp.add_argument("--max-pixels", type=int, default=40_000_000)
+    sp.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="warning",
+                    help="uvicorn's and featcache's log level (the start-up summary prints at any level)")
+    sp.add_argument("--access-log", action="store_true", help="log one line per request (method, path, status)")
 
     # -- heads (issue 3) --
     sp = add("train", "train classifier heads on cached features, evaluate, save the best as a bundle")
