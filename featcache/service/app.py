@@ -58,6 +58,7 @@ def create_app(config: ServiceConfig, plan: Plan | None = None) -> FastAPI:
         finally:
             app.state.fc = None
             await state.batcher.stop()
+            state.decoders.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="featcache", version=__version__, lifespan=lifespan, responses=_ANY,
                   docs_url=None, redoc_url=None,  # served from local files by add_pages

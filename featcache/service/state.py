@@ -9,6 +9,7 @@ head bundle and the index once, from the ``Plan`` preflight returned.
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import faiss
@@ -98,6 +99,9 @@ class ServiceState:
             self.heads.add(name, path)
         self.catalogue = Catalogue(plan.cache, plan.fingerprint)
         self.thumbnails = ThumbnailCache(config.thumbnail_cache_bytes)
+        # Decodes get threads of their own: one waiting on the decode memory budget must not hold a
+        # thread of the default pool that classify, search and reviews use.
+        self.decoders = ThreadPoolExecutor(available_cpus(), thread_name_prefix="featcache-decode")
         self.reviews = Reviews(self.catalogue, self.index.manifest["tap"] if self.index else "final")
         faiss.omp_set_num_threads(1)  # single queries: threads only add latency
         self.batcher = MicroBatcher(self.embedder.embed, config.max_batch, config.max_wait_ms / 1000,

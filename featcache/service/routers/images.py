@@ -67,7 +67,8 @@ async def thumbnail(request: Request, sha256: str = SHA256,
     source = "memory"
     if data is None:
         with state.metrics.time("thumbnail", {}):
-            data = await asyncio.to_thread(render, img.path, sha256, size, state.config.max_pixels)
+            data = await asyncio.get_running_loop().run_in_executor(state.decoders, render, img.path, sha256, size,
+                                                                    state.config.max_pixels)
         state.thumbnails.put(key, data)
         source = "render"
     return Response(data, media_type="image/jpeg", headers=_timed(headers, source, t0))
