@@ -33,6 +33,7 @@ import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import zarr
@@ -40,6 +41,9 @@ import zarr
 from ..errors import CacheError, FingerprintMismatch, NotFoundError, UsageError
 from .names import decode_name, encode_name, printable
 from .outputs import writable_dir
+
+if TYPE_CHECKING:
+    import xarray
 
 FORMAT = 1
 log = logging.getLogger(__name__)
@@ -274,7 +278,7 @@ class FeatureCache:
             raise NotFoundError(f"tap {tap!r} not in fingerprint {fp} (has {sorted(attrs['taps'])})")
         return fp, g, min(int(attrs["rows"]), int(attrs["tap_rows"][tap]))
 
-    def to_xarray(self, fingerprint: str | None = None, tap: str = "final"):
+    def to_xarray(self, fingerprint: str | None = None, tap: str = "final") -> xarray.Dataset:
         """Every committed row of one fingerprint and tap as a lazy ``xarray.Dataset`` (dask arrays).
 
         Dimensions ``row`` (the cache's feature row, as index ids use it) and ``dim``; ``vectors``,
