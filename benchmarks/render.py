@@ -423,7 +423,11 @@ extracted on the fly, Tux Paint on Lite0; it fails below {T.REDUCED_FLOOR}. The 
 {verdict(all(s >= T.REDUCED_FLOOR for _, s in scores))} ({red['fashion_mnist']['train_rows']:,} training images are far too few for the
 {T.FMNIST_ACCURACY} target).
 """
-    return text
+    return text + """
+`featcache advise` on these data: Tux Paint (Lite0) -> small / similar to ImageNet (low ImageNet-prediction
+entropy, probe accuracy rising with depth to `final`) -> a head on frozen features; Fashion-MNIST -> large / not
+similar (higher entropy, thousands of images per class) -> fine-tune deeper layers, as the next section does.
+"""
 
 
 # -- issue 5 ---------------------------------------------------------------------------------------
