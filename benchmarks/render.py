@@ -525,6 +525,54 @@ too little per step to move a cut across {T.FINETUNE_EPOCH_RATIO:g}x, so it was 
     return text
 
 
+# -- issue 10 --------------------------------------------------------------------------------------
+def section_hostile(res: Results) -> str:
+    r = res("hostile")
+    if r is None:
+        return ""
+    e, s, c, gb = r["extract"], r.get("serve") or {}, r["corpus"], float(1 << 30)
+    bad = [x for x in e.get("rows", []) if x["expect"] != "decodes"]
+    good = [x for x in e.get("rows", []) if x["expect"] == "decodes"]
+    photos_ok = c["photos"] - len(e["photos_failed"])
+    rows = [("extract: exit code", e["exit_code"], "0", e["exit_code"] == 0),
+            ("extract: bad files failed with their reason", f"{sum(x['ok'] for x in bad)}/{len(bad)}", "all",
+             all(x["ok"] for x in bad)),
+            ("extract: hostile-but-valid files decoded", f"{sum(x['ok'] for x in good)}/{len(good)}", "all",
+             all(x["ok"] for x in good)),
+            ("extract: real photos extracted", f"{photos_ok}/{c['photos']}", "all", photos_ok == c["photos"]),
+            ("extract: peak RSS", f"{e['peak_rss_bytes'] / gb:.2f} GB", f"≤ {T.HOSTILE_EXTRACT_PEAK_RSS_BYTES / gb:g} GB",
+             e["peak_rss_bytes"] <= T.HOSTILE_EXTRACT_PEAK_RSS_BYTES),
+            ("extract: peak RSS, photos only", f"{e['photos_only']['peak_rss_bytes'] / gb:.2f} GB", "", None),
+            ("extract: seconds (photos only)", f"{e['seconds']} ({e['photos_only']['seconds']})", "", None)]
+    if s:
+        hostile_4xx = sum(400 <= x["status"] < 500 for x in s["hostile"])
+        decodable_200 = sum(x["status"] == 200 for x in s["decodable"])
+        rows += [("serve: hostile uploads answered 4xx", f"{hostile_4xx}/{len(s['hostile'])}", "all",
+                  hostile_4xx == len(s["hostile"])),
+                 ("serve: hostile-but-valid uploads answered 200", f"{decodable_200}/{len(s['decodable'])}", "all",
+                  decodable_200 == len(s["decodable"])),
+                 ("serve: a real photo afterwards", s["photo_after"]["status"], "200", s["photo_after"]["status"] == 200),
+                 ("serve: peak RSS", f"{s['peak_rss_bytes'] / gb:.2f} GB", f"≤ {T.HOSTILE_SERVE_PEAK_RSS_BYTES / gb:g} GB",
+                  s["peak_rss_bytes"] <= T.HOSTILE_SERVE_PEAK_RSS_BYTES),
+                 ("serve: peak RSS after warm-up", f"{s['peak_rss_warm_bytes'] / gb:.2f} GB", "", None),
+                 ("serve: seconds for all uploads", s["seconds"], "", None)]
+    text = f"""## Hostile images (issue 10)
+
+`python benchmarks/hostile.py` (raw: `benchmarks/results/hostile.json`; {r['machine']['cpus']} CPUs, Python
+{r['machine']['python']}): the hostile corpus of `tests/hostile_images.py` ({c['files']} files of every class: {c['must_fail']} meant
+to fail, {c['must_decode']} extreme but valid, {c['bytes'] / 1e6:.0f} MB) beside the {c['photos']} real ImageNet photos, through
+`featcache extract` in a child process and then as concurrent uploads to `featcache serve`.
+
+| what | result | target | |
+|---|---|---|---|
+"""
+    text += "".join(f"| {n} | {v} | {t} | {'' if ok is None else verdict(ok)} |\n" for n, v, t, ok in rows)
+    reasons = ", ".join(f"{k} {v}" for k, v in e["failure_reasons"].items())
+    text += (f"\nFailure reasons of the extraction: {reasons}. Every target: "
+             f"{verdict(all(ok for *_, ok in rows if ok is not None) and bool(s))}.\n")
+    return text
+
+
 # -- issue 12 --------------------------------------------------------------------------------------
 def section_ray(res: Results) -> str:
     r = res("ray")
@@ -550,7 +598,7 @@ def section_ray(res: Results) -> str:
     return text
 
 
-SECTIONS = (section_extraction, section_search, section_heads, section_finetune, section_ray)
+SECTIONS = (section_extraction, section_search, section_heads, section_finetune, section_hostile, section_ray)
 
 
 def render(folder: Path = RESULTS) -> str:

@@ -24,5 +24,10 @@ BATCHING_RATIO = 2.0  # classify throughput with micro-batching / without
 FINETUNE_MINUTES = 60.0  # from images to a tuned backbone (prefix computed + whole run)
 FINETUNE_EPOCH_RATIO = 3.0  # epoch on the cached prefix vs recomputing the frozen layers
 
+# issue 10, hostile images through extract and serve: every bad file a failed row with its reason (extract exits 0),
+# every hostile upload a 4xx (the service keeps serving), and peak memory below these
+HOSTILE_EXTRACT_PEAK_RSS_BYTES = 2 << 30
+HOSTILE_SERVE_PEAK_RSS_BYTES = int(2.5 * (1 << 30))
+
 # issue 12, the writer: committed rows/s of 1280-d float32 features, one writer
 WRITER_ROWS_PER_S = 25_000
