@@ -22,7 +22,6 @@ Writes benchmarks/results/ray.json and prints a markdown table.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -35,6 +34,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_extract import make_jpegs  # noqa: E402
+from record import RESULTS, save  # noqa: E402
 
 from featcache.extract.pipeline import ExtractConfig, Extraction  # noqa: E402
 from featcache.extract.sources import Item  # noqa: E402
@@ -43,7 +43,6 @@ from featcache.runtime import available_cpus  # noqa: E402
 from featcache.store.cache import FeatureCache  # noqa: E402
 
 DIM = 1280
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def extract(src: Path, cache: Path, **kw) -> dict:
@@ -140,8 +139,7 @@ def main() -> None:
         res["min_cosine_ray_vs_local"] = float(((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).min())
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(res, indent=2))
+    save(res, args.out)
     print(markdown(res))
 
 

@@ -122,7 +122,7 @@ def cmd_info(args: argparse.Namespace) -> dict:
 def cmd_export(args: argparse.Namespace) -> dict:
     from .store.export import export
 
-    result = export(args.cache, args.out, args.format, args.fingerprint, args.taps)
+    result = export(args.cache, args.out, args.format, args.fingerprint, args.taps, args.include_failed)
     _print(result, args.json, lambda r: f"wrote {r['rows']} rows of {', '.join(r['taps'])} to {r['out']}")
     return result
 
@@ -405,12 +405,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("info", "show images, fingerprints, taps and failures in a cache")
     sp.add_argument("--cache", default="featcache-cache")
 
-    sp = add("export", "export features to npy files or a parquet table")
+    from .store.formats import names as export_formats  # one module per format, listed without importing them
+
+    sp = add("export", "export features with key, label, sha256, path, status and error columns")
     sp.add_argument("--cache", default="featcache-cache")
-    sp.add_argument("--format", required=True, choices=["npy", "parquet"])
-    sp.add_argument("--out", required=True)
+    sp.add_argument("--format", required=True, choices=export_formats(), help="%(choices)s")
+    sp.add_argument("--out", required=True, help="output folder or file, as the format writes")
     sp.add_argument("--fingerprint", help="fingerprint (prefix); needed when the cache holds several")
     sp.add_argument("--taps", nargs="+", help="taps to export (default: all)")
+    sp.add_argument("--include-failed", action="store_true",
+                    help="also rows that failed to decode (status 1, NaN vectors) and images no file holds any more")
     # -- search and service (issue 4) --
     sp = add("index", "build (or update in place) a cosine faiss index over a cache")
     sp.add_argument("--cache", default="featcache-cache")
