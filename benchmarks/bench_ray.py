@@ -58,7 +58,7 @@ def _standin_writer(root: Path, commit_every: int) -> tuple[FeatureCache, CacheW
     cache = FeatureCache(root, create=True)
     canon = {"arch": "stand-in", "dim": DIM}
     group = cache.feature_group("standin", canon, {"name": "stand-in"}, {"final": DIM})
-    return cache, CacheWriter(cache, group, commit_every)
+    return cache, CacheWriter(cache, {"standin": group}, commit_every)
 
 
 def writer_alone(root: Path, rows: int, commit_every: int) -> dict:
@@ -71,7 +71,7 @@ def writer_alone(root: Path, rows: int, commit_every: int) -> dict:
     t = time.perf_counter()
     for i in range(rows):
         _, row = w.register(items[i], shas[i])
-        w.add(row, {"final": vecs[i % 1024]})
+        w.add(row, {"standin": {"final": vecs[i % 1024]}})
     w.commit()
     dt = time.perf_counter() - t
     return {"rows": rows, "commit_every": commit_every, "seconds": round(dt, 3), "rows_per_s": round(rows / dt),
@@ -99,7 +99,7 @@ def writer_through_ray(root: Path, rows: int, commit_every: int) -> dict:
     for b in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1):
         for i, v in zip(b["id"].tolist(), b["vector"]):
             _, row = w.register(Item(f"/data/img{i:08d}.jpg", f"img{i:08d}.jpg", ""), f"{i:064x}")
-            w.add(row, {"final": v})
+            w.add(row, {"standin": {"final": v}})
     w.commit()
     dt = time.perf_counter() - t
     return {"rows": rows, "commit_every": commit_every, "seconds": round(dt, 3), "rows_per_s": round(rows / dt)}
