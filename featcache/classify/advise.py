@@ -255,11 +255,17 @@ def baseline_candidate(ctx: Context, baseline: Outcome) -> Candidate:
 
 
 def advise(cache_dir: str, fingerprint: str | None = None, budget: float = 120.0, seed: int = 0,
-           test_source: str | None = None, max_rows: int = 20000, finetune: bool = True) -> dict:
-    """Measure every candidate strategy on one shared split within ``budget`` seconds; recommend from the figures."""
+           test_source: str | None = None, max_rows: int = 20000, finetune: bool = True,
+           outcomes: dict[str, Outcome] | None = None) -> dict:
+    """Measure every candidate strategy on one shared split within ``budget`` seconds; recommend from the figures.
+
+    ``outcomes``, when given, receives each measured strategy's per-row ``Outcome`` by name (validation reuses them).
+    """
     t0 = time.perf_counter()
     ctx, baseline, total = prepare(cache_dir, fingerprint, budget, seed, test_source, max_rows)
     base_row = _row(baseline_candidate(ctx, baseline), baseline, baseline, seed)
+    kept = {} if outcomes is None else outcomes
+    kept[BASELINE] = baseline
     curve = learning_curve(ctx, baseline)
     rows = []
     for cand in candidates(ctx, finetune):
@@ -268,7 +274,8 @@ def advise(cache_dir: str, fingerprint: str | None = None, budget: float = 120.0
             rows.append(_row(cand, None, baseline, seed, f"needs about {need:.0f}s, {max(0, ctx.left()):.0f}s left"))
             continue
         try:
-            rows.append(_row(cand, cand.measure(ctx), baseline, seed))
+            kept[cand.name] = cand.measure(ctx)
+            rows.append(_row(cand, kept[cand.name], baseline, seed))
         except (FeatcacheError, OutOfBudget) as e:  # a tap lagging behind, weights gone, no time: the others count
             rows.append(_row(cand, None, baseline, seed, str(e)))
     cache, base = ctx.cache, ctx.base
