@@ -254,8 +254,8 @@ def run_set(name: str, work: Path, limit: int | None, budget: float, seed: int, 
     print(f"  advise ({advise_seconds:.0f}s): {rec['name']} {rec['accuracy']:.4f}; skipped {adv['budget']['skipped']}",
           flush=True)
     figures, outcomes = reference(cache, test_source, seed, max_rows, ft_folds, measured)
-    keys = ("name", "status", "accuracy", "interval", "test_rows", "train_rows", "vs_frozen", "clearly_better", "why",
-            "subset")
+    keys = ("name", "status", "accuracy", "interval", "test_rows", "train_rows", "vs_frozen", "vs_baseline",
+            "clearly_better", "measured_worse", "why", "subset")
     return {"set": name, "kind": KINDS[name], "images": adv["data"]["labelled"],
             "subsampled_from": adv["data"]["subsampled_from"], "classes": adv["data"]["classes"],
             "evaluation": adv["evaluation"], "extract": {"images": ex["unique_images"], "seconds": round(extract_seconds, 1)},

@@ -15,8 +15,9 @@ plus a learning curve of the baseline (does more data still pay?). A strategy is
 if it is clearly better than the frozen head: the 95 % paired-bootstrap interval of its accuracy
 minus the frozen head's, on the same test rows and trained on the same rows, lies above zero
 (a fine-tune the budget confined to a subset is compared with the frozen head trained on that
-subset); otherwise the baseline is. So advise never recommends a strategy that measured worse. ImageNet similarity is shown per backbone (and as
-agreement across backbones), for information only.
+subset) and it is not below the baseline's own figure on those test rows; otherwise the baseline is.
+So advise never recommends a strategy that measured worse. ImageNet similarity is shown per backbone
+(and as agreement across backbones), for information only.
 
 Adding a strategy (an ensemble of cached backbones, say) is one more ``Candidate`` from
 ``candidates``: a name, its cell, a command, a cost estimate and a function returning an
@@ -162,7 +163,8 @@ def _row(c: Candidate, out: Outcome | None, base: Outcome, seed: int, skipped: s
     row |= {"status": "measured", "accuracy": out.accuracy, "interval": wilson(int(out.correct.sum()), len(out.correct)),
             "test_rows": len(out.rows), "train_rows": out.train_rows, "seconds": round(out.seconds, 2),
             "vs_baseline": vs, "vs_frozen": fair, "clearly_better": fair["interval"][0] > 0,
-            "measured_worse": fair["difference"] < 0, **out.details}  # a fine-tune's details: its cut, its command
+            "measured_worse": min(vs["difference"], fair["difference"]) < 0,  # below either frozen head
+            **out.details}  # a fine-tune's details: its cut, its command
     return row
 
 
@@ -188,7 +190,8 @@ def learning_curve(ctx: Context, base: Outcome) -> dict:
 
 
 def _recommend(rows: list[dict], base_row: dict, curve: dict, counts: np.ndarray) -> tuple[dict, list[str]]:
-    better = [r for r in rows if r["status"] == "measured" and r["recommendable"] and r["clearly_better"]]
+    better = [r for r in rows if r["status"] == "measured" and r["recommendable"] and r["clearly_better"]
+              and not r["measured_worse"]]
     best = max(better, key=lambda r: r["vs_frozen"]["difference"], default=None)
     why = []
     if best is None:
@@ -210,6 +213,11 @@ def _recommend(rows: list[dict], base_row: dict, curve: dict, counts: np.ndarray
         if best.get("subset"):
             why.append(best["subset"])
     for r in rows:
+        if r["status"] == "measured" and r["recommendable"] and r["clearly_better"] and r["measured_worse"]:
+            why.append(f"{r['name']} beat the frozen head trained on the same {r['train_rows']} images "
+                       f"({r['vs_frozen']['difference']:+.3f}) but scored below the frozen head trained on all of "
+                       f"them ({r['vs_baseline']['difference']:+.3f}): not recommended on this budget; a larger "
+                       "--budget measures it on more images")
         if r["status"] == "measured" and not r["recommendable"] and r["clearly_better"]:
             why.append(f"{r['name']} also measured clearly better ({r['vs_frozen']['difference']:+.3f}) but "
                        f"{r['note'].split(':')[0]}")
