@@ -283,7 +283,8 @@ def timing(work: Path, images: int, budget: float) -> dict:
             "recommendation": r["recommendation"]["name"], "accuracy": r["recommendation"]["accuracy"],
             "extract_seconds": round(extract_seconds, 1), "target_seconds": SECONDS_10K, "target_images": 10000,
             "met": wall <= SECONDS_10K and r["data"]["labelled"] >= 10000, "cpus": os.cpu_count(),
-            "command": " ".join(["python", "benchmarks/validate_advise.py", "--timing", str(images)])}
+            "command": f"python benchmarks/validate_advise.py --work {work} --timing {images}"
+                       + (f" --budget {budget:g}" if budget != 120 else "")}
 
 
 def main() -> None:

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from featcache.classify.advise import BASELINE, prepare
+from featcache.classify.advise import BASELINE, Candidate, _recommend, _row, prepare
 from featcache.classify.finetune_probe import Cut, measure_in_full, measure_within_budget
-from featcache.classify.measure import SharedSplit, paired_difference, wilson
+from featcache.classify.measure import Outcome, SharedSplit, paired_difference, wilson
 from featcache.cli import main
 from featcache.extract.pipeline import ExtractConfig, Extraction
 
@@ -137,3 +137,31 @@ def test_intervals():
     assert same["difference"] == 0 and same["interval"] == [0.0, 0.0]
     better = paired_difference(np.ones(100, bool), a)
     assert better["difference"] == pytest.approx(0.1) and better["interval"][0] > 0
+
+
+def _outcome(rows: np.ndarray, right: int, frozen_right: int | None = None) -> Outcome:
+    """An outcome on ``rows`` with the first ``right`` of them correct (and a same-subset frozen head's)."""
+    frozen = None if frozen_right is None else np.arange(len(rows)) < frozen_right
+    return Outcome(rows, np.arange(len(rows)) < right, 1.0, 40 if frozen is not None else 400, frozen=frozen)
+
+
+def test_a_subset_finetune_is_judged_on_equal_data_and_never_recommended_below_the_frozen_head():
+    """Clearly better than the frozen head on the same 40 images is not enough if the frozen head on all the
+    training images scored higher on those test rows: advise never recommends a strategy that measured worse."""
+    base = _outcome(np.arange(100), 90)
+    base_cand = Candidate(BASELINE, "baseline", "", "featcache train ...", lambda c: 0.0, lambda c: base)
+    base_row = _row(base_cand, base, base, 0)
+    test = np.arange(0, 100, 2)  # 50 of the test rows, 45 of them right for the baseline (its first 90 rows)
+    counts = np.asarray([50, 50])
+    for ft_right, expect in ((40, BASELINE), (50, "finetune@last-block")):  # frozen head on the subset: 30 of 50
+        ft = _outcome(test, ft_right, frozen_right=30)
+        ft.details["subset"] = "trained on 40 of 400 training images"
+        row = _row(Candidate("finetune@last-block", "fine-tune", "", None, lambda c: 0.0, lambda c, ft=ft: ft), ft, base, 0)
+        assert row["clearly_better"] and row["vs_frozen"]["difference"] > 0.15
+        rec, why = _recommend([row], base_row, {}, counts)
+        assert rec["name"] == expect
+        if expect == BASELINE:
+            assert row["measured_worse"] and row["vs_baseline"]["difference"] == pytest.approx(40 / 50 - 45 / 50)
+            assert any("not recommended on this budget" in w for w in why)
+        else:
+            assert not row["measured_worse"] and any("both trained on the same 40 images" in w for w in why)
