@@ -231,7 +231,7 @@ def verdict(recommended: str, figures: dict, outcomes: dict, seed: int) -> dict:
     g = gaps[best]
     best_same, rec_same = _common(outcomes[best], rec)
     lo, _ = wilson(int(best_same.sum()), len(best_same))
-    within = "1 point" if g["difference"] <= GAP else ("the best figure's interval" if rec_same.mean() >= lo else "no")
+    within = "1 point" if g["difference"] <= GAP + 1e-9 else ("the best figure's interval" if rec_same.mean() >= lo else "no")
     return {"best": best, "gap": g["difference"], "gap_interval": g["interval"], "rows": g["rows"],
             "met": within != "no", "within": within}
 

@@ -221,7 +221,7 @@ def measure_within_budget(ctx, cut: Cut) -> Outcome:
     if n_tr < floor:
         raise OutOfBudget(f"needs about {floor * per_train + TEST_MIN * per_test:.0f}s for {floor} training and "
                           f"{TEST_MIN} test images ({prefix.per_image:.3f}s per image for the {prefix.tap} prefix, "
-                          f"{per_step:.3f}s per training step and image), {ctx.left():.0f}s left")
+                          f"{per_step:.3f}s per training step and image), {max(0.0, ctx.left()):.0f}s left")
     te_sel = _take(y, te_sel, n_te, ctx.seed)
     tr_sel = _take(y, tr, n_tr, ctx.seed)
     prefix.compute(np.concatenate([te_sel, tr_sel]))
