@@ -613,7 +613,8 @@ shared with other work, so advise's wall-clock budget bought less than on a quie
 with `--budget {c['budget']:g}`; then every strategy it could have recommended was measured on the very split it used:
 heads as advise measured them, fine-tunes in full (every training row of {'the first fold' if c['ft_folds'] == 1
 else 'each fold'}, not advise's subset). Target: the recommendation within {100 * r['target_gap']:g} point of the
-best strategy, or within that figure's 95 % interval; compared on the rows both were scored on.
+best strategy, or within that figure's 95 % interval; compared on the rows both were scored on (a fine-tune's
+interval on a few dozen test rows is wide: a pass "within the interval" is a weak one).
 
 | set | images / classes | split | advise recommends (its figure) | s | best measured | gap | |
 |---|---|---|---|---|---|---|---|
@@ -624,7 +625,8 @@ best strategy, or within that figure's 95 % interval; compared on the rows both 
             split = f"{ev['folds']}-fold CV" if ev["mode"] == "cv" else ev["mode"]
             text += (f"| {s['set']} | {s['images']} / {s['classes']} | {split}, {ev['test_rows']} test rows | "
                      f"{rec['name']} ({rec['accuracy']:.3f}) | {s['advise']['seconds']:.0f} | {v['best']} "
-                     f"({best['accuracy']:.3f}) | {100 * v['gap']:+.1f} pt | {verdict(v['met'])} |\n")
+                     f"({best['accuracy']:.3f}) | {100 * v['gap']:+.1f} pt | {verdict(v['met'])}"
+                     f"{'' if v['within'] in ('best', 'no') else ' (within ' + v['within'] + ')'} |\n")
         text += ("\nEvery strategy's held-out accuracy on advise's split, with its 95 % Wilson interval and the rows it "
                  "was trained and tested on (**bold**: advise's pick; _italics_: measured only, no command trains it), "
                  "and what advise itself measured within its budget:\n")
@@ -640,7 +642,7 @@ best strategy, or within that figure's 95 % interval; compared on the rows both 
                          "measured" else f"skipped: {a.get('why')}")
                 text += (f"| {shown} | {f['accuracy']:.3f} | {f['interval'][0]:.3f}-{f['interval'][1]:.3f} | "
                          f"{f['test_rows']} | {f['train_rows']} | {there} |\n")
-            text += "\n" + " ".join(f"{w[0].upper()}{w[1:]}." for w in s["advise"]["why"]) + "\n"
+            text += "\nadvise's reasons: " + "; ".join(s["advise"]["why"]) + ".\n"
         text += f"\nEvery set: {verdict(all(s['verdict']['met'] for s in r['sets']))}.\n"
     if t is None:
         text += ("\nThe target of <= 2 minutes on 10,000 cached images is measured by `python benchmarks/validate_advise.py "

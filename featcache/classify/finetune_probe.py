@@ -215,13 +215,18 @@ def measure_within_budget(ctx, cut: Cut) -> Outcome:
     left = ctx.left() * cut.share * SLACK
     per_test = prefix.per_image + per_step / 3
     per_train = prefix.per_image + cut.epochs * per_step * 1.1  # + the validation passes
+    floor = min(len(tr), max(MIN_TRAIN_PER_CLASS * len(classes), MIN_TRAIN))
+    need = floor * per_train + min(len(te_sel), TEST_MIN) * per_test
+    if need > left:
+        raise OutOfBudget(f"needs about {need:.0f}s for {floor} training and {TEST_MIN} test images "
+                          f"({prefix.per_image:.3f}s per image for the {prefix.tap} prefix, {per_step:.3f}s per "
+                          f"training step and image); {max(0.0, left):.0f}s of the {max(0.0, ctx.left()):.0f}s "
+                          "left were planned for it")
     n_te = int(min(len(te_sel), max(TEST_MIN, (left * 0.3) // max(per_test, 1e-9))))
     n_tr = int(min(len(tr), (left - n_te * per_test) // max(per_train, 1e-9)))
-    floor = min(len(tr), max(MIN_TRAIN_PER_CLASS * len(classes), MIN_TRAIN))
-    if n_tr < floor:
-        raise OutOfBudget(f"needs about {floor * per_train + TEST_MIN * per_test:.0f}s for {floor} training and "
-                          f"{TEST_MIN} test images ({prefix.per_image:.3f}s per image for the {prefix.tap} prefix, "
-                          f"{per_step:.3f}s per training step and image), {max(0.0, ctx.left()):.0f}s left")
+    if n_tr < floor:  # the minimum fits only with the fewest test images
+        n_te = min(len(te_sel), TEST_MIN)
+        n_tr = int(min(len(tr), (left - n_te * per_test) // max(per_train, 1e-9)))
     te_sel = _take(y, te_sel, n_te, ctx.seed)
     tr_sel = _take(y, tr, n_tr, ctx.seed)
     prefix.compute(np.concatenate([te_sel, tr_sel]))
