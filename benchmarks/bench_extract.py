@@ -18,7 +18,6 @@ Writes benchmarks/results/extract-<device>.json and prints a markdown table.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import random
 import shutil
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image, ImageEnhance
+from record import RESULTS, save
 
 from featcache.datasets import imagenet20
 from featcache.extract.backbone import Backbone
@@ -134,7 +134,7 @@ def main() -> None:
     p.add_argument("--backbones", nargs="+", default=list(BACKBONES), choices=list(BACKBONES))
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, help="featcache batch size (default: featcache's own default)")
-    p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    p.add_argument("--out", default=str(RESULTS))
     a = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="featcache-bench-"))
     try:
@@ -146,10 +146,8 @@ def main() -> None:
     meta = {"cpus": available_cpus(), "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
             "command": f"python benchmarks/bench_extract.py --images {a.images} --backbones {' '.join(a.backbones)} --device {a.device}"}
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
     tag = "cuda" if rows and rows[0]["device"].startswith("cuda") else "cpu"
-    (out / f"extract-{tag}.json").write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
+    save({"meta": meta, "results": rows}, Path(a.out) / f"extract-{tag}.json")
     print(f"\n{meta}\n")
     print("| backbone | device/precision | featcache img/s | tutorial img/s | speedup | M img/s | D img/s | ceiling | % of ceiling |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -22,7 +22,6 @@ Writes benchmarks/results/ray.json and prints a markdown table.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -35,6 +34,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_extract import make_jpegs  # noqa: E402
+from record import RESULTS, save  # noqa: E402
 
 from featcache.extract.pipeline import ExtractConfig, Extraction  # noqa: E402
 from featcache.extract.sources import Item  # noqa: E402
@@ -43,7 +43,6 @@ from featcache.runtime import available_cpus  # noqa: E402
 from featcache.store.cache import FeatureCache  # noqa: E402
 
 DIM = 1280
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def extract(src: Path, cache: Path, **kw) -> dict:
@@ -59,7 +58,7 @@ def _standin_writer(root: Path, commit_every: int) -> tuple[FeatureCache, CacheW
     cache = FeatureCache(root, create=True)
     canon = {"arch": "stand-in", "dim": DIM}
     group = cache.feature_group("standin", canon, {"name": "stand-in"}, {"final": DIM})
-    return cache, CacheWriter(cache, group, commit_every)
+    return cache, CacheWriter(cache, {"standin": group}, commit_every)
 
 
 def writer_alone(root: Path, rows: int, commit_every: int) -> dict:
@@ -72,7 +71,7 @@ def writer_alone(root: Path, rows: int, commit_every: int) -> dict:
     t = time.perf_counter()
     for i in range(rows):
         _, row = w.register(items[i], shas[i])
-        w.add(row, {"final": vecs[i % 1024]})
+        w.add(row, {"standin": {"final": vecs[i % 1024]}})
     w.commit()
     dt = time.perf_counter() - t
     return {"rows": rows, "commit_every": commit_every, "seconds": round(dt, 3), "rows_per_s": round(rows / dt),
@@ -100,7 +99,7 @@ def writer_through_ray(root: Path, rows: int, commit_every: int) -> dict:
     for b in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1):
         for i, v in zip(b["id"].tolist(), b["vector"]):
             _, row = w.register(Item(f"/data/img{i:08d}.jpg", f"img{i:08d}.jpg", ""), f"{i:064x}")
-            w.add(row, {"final": v})
+            w.add(row, {"standin": {"final": v}})
     w.commit()
     dt = time.perf_counter() - t
     return {"rows": rows, "commit_every": commit_every, "seconds": round(dt, 3), "rows_per_s": round(rows / dt)}
@@ -140,8 +139,7 @@ def main() -> None:
         res["min_cosine_ray_vs_local"] = float(((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).min())
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(res, indent=2))
+    save(res, args.out)
     print(markdown(res))
 
 

@@ -33,7 +33,9 @@ import time
 from pathlib import Path
 
 import httpx
+from record import RESULTS, save
 from served import serving
+from targets import HOSTILE_EXTRACT_PEAK_RSS_BYTES, HOSTILE_SERVE_PEAK_RSS_BYTES
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -42,7 +44,7 @@ from featcache.datasets import imagenet20  # noqa: E402
 from tests.hostile_images import Hostile, hostile_classes  # noqa: E402
 
 GB = 1 << 30
-TARGETS = {"extract_peak_rss_bytes": 2 * GB, "serve_peak_rss_bytes": int(2.5 * GB)}
+TARGETS = {"extract_peak_rss_bytes": HOSTILE_EXTRACT_PEAK_RSS_BYTES, "serve_peak_rss_bytes": HOSTILE_SERVE_PEAK_RSS_BYTES}
 
 
 def build_folder(root: Path, corpus: list[Hostile]) -> int:
@@ -203,7 +205,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--work", help="working folder (default: a temporary one, removed afterwards)")
     ap.add_argument("--clients", type=int, default=16, help="concurrent uploads per round")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "hostile.json"))
+    ap.add_argument("--out", default=str(RESULTS / "hostile.json"))
     a = ap.parse_args()
     work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="featcache-hostile-"))
     try:
@@ -228,8 +230,7 @@ def main() -> None:
         and serve["peak_rss_bytes"] <= TARGETS["serve_peak_rss_bytes"],
         "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
     }
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(result, indent=1) + "\n")
+    save(result, a.out)
     print(table(result))
     if not serve:
         print(extract.get("stderr", ""))

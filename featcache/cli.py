@@ -70,7 +70,8 @@ def cmd_extract(args: argparse.Namespace) -> dict:
         t = r["timings"]
         lines = [
             f"cache        {r['cache']}",
-            f"backbone     {r['backbone']}  fingerprint {r['fingerprint']}  ({r['device']}, {r['precision']})",
+            *(f"backbone     {b['backbone']}  fingerprint {b['fingerprint']}  ({b['device']}, {b['precision']})"
+              for b in r["backbones"]),
             f"taps         {', '.join(r['taps'])}",
             f"files        {r['files']}  unique images {r['unique_images']}  duplicates {r['duplicate_files']}",
             f"cached       {r['already_cached']} already, {r['extracted']} extracted now, {r['failed']} failed",
@@ -121,7 +122,7 @@ def cmd_info(args: argparse.Namespace) -> dict:
 def cmd_export(args: argparse.Namespace) -> dict:
     from .store.export import export
 
-    result = export(args.cache, args.out, args.format, args.fingerprint, args.taps)
+    result = export(args.cache, args.out, args.format, args.fingerprint, args.taps, args.include_failed)
     _print(result, args.json, lambda r: f"wrote {r['rows']} rows of {', '.join(r['taps'])} to {r['out']}")
     return result
 
@@ -212,7 +213,7 @@ def cmd_serve(args: argparse.Namespace) -> dict:
                         device=args.device, batching={"auto": None, "on": True, "off": False}[args.batching],
                         max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, model_workers=args.model_workers,
                         max_upload_bytes=args.max_upload_mb * 1024 * 1024, max_pixels=args.max_pixels)
-    serve(cfg, args.host, args.port)
+    serve(cfg, args.host, args.port, log_level=args.log_level, access_log=args.access_log)
     return {}
 
 
@@ -388,7 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("extract", "embed a folder or CSV of images into the cache (resumable)")
     sp.add_argument("source", help="folder (first-level subfolders are labels) or CSV of path[,label]")
     sp.add_argument("--cache", default="featcache-cache", help="cache directory (default: ./featcache-cache)")
-    sp.add_argument("--backbone", default="efficientnet_lite0", help="built-in name, timm:ARCH, torchvision:ARCH or a backbone dir")
+    sp.add_argument("--backbone", nargs="+", default=["efficientnet_lite0"],
+                    help="built-in name, timm:ARCH, torchvision:ARCH or a backbone dir; several: each image is "
+                         "decoded once and embedded by each (one fingerprint each)")
     sp.add_argument("--weights", help="weights file, 'download' (online) or 'random'")
     sp.add_argument("--taps", nargs="+", default=["final"], help="taps to store (final, stage1..N)")
     sp.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
@@ -410,12 +413,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("info", "show images, fingerprints, taps and failures in a cache")
     sp.add_argument("--cache", default="featcache-cache")
 
-    sp = add("export", "export features to npy files or a parquet table")
+    from .store.formats import names as export_formats  # one module per format, listed without importing them
+
+    sp = add("export", "export features with key, label, sha256, path, status and error columns")
     sp.add_argument("--cache", default="featcache-cache")
-    sp.add_argument("--format", required=True, choices=["npy", "parquet"])
-    sp.add_argument("--out", required=True)
+    sp.add_argument("--format", required=True, choices=export_formats(), help="%(choices)s")
+    sp.add_argument("--out", required=True, help="output folder or file, as the format writes")
     sp.add_argument("--fingerprint", help="fingerprint (prefix); needed when the cache holds several")
     sp.add_argument("--taps", nargs="+", help="taps to export (default: all)")
+    sp.add_argument("--include-failed", action="store_true",
+                    help="also rows that failed to decode (status 1, NaN vectors) and images no file holds any more")
     # -- search and service (issue 4) --
     sp = add("index", "build (or update in place) a cosine faiss index over a cache")
     sp.add_argument("--cache", default="featcache-cache")
@@ -438,7 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--tap", default="final")
     sp.add_argument("--threshold", type=float, default=0.97, help="cosine at or above which two images are duplicates")
 
-    sp = add("serve", "HTTP service: embed, classify, search (binds 127.0.0.1 by default)")
+    sp = add("serve", "HTTP service and web page (/ui/): embed, classify, search, browse (binds 127.0.0.1 by default)")
     sp.add_argument("--cache", default="featcache-cache")
     sp.add_argument("--fingerprint")
     sp.add_argument("--head", action="append", metavar="NAME=HEAD_DIR", help="a head bundle to serve (repeatable)")
@@ -455,6 +462,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="forward passes run at once, each on CPUs/N torch threads (default: one per core on CPU, 1 on GPU)")
     sp.add_argument("--max-upload-mb", type=int, default=16)
     sp.add_argument("--max-pixels", type=int, default=40_000_000)
+    sp.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="warning",
+                    help="uvicorn's and featcache's log level (the start-up summary prints at any level)")
+    sp.add_argument("--access-log", action="store_true", help="log one line per request (method, path, status)")
 
     # -- heads (issue 3) --
     sp = add("train", "train classifier heads on cached features, evaluate, save the best as a bundle")

@@ -342,7 +342,7 @@ def test_openapi_fuzz_finds_no_server_error(served, open_server, tmp_path):
                              capture_output=True, text=True, timeout=240, cwd=tmp_path)
         out = run.stdout + run.stderr
         assert run.returncode == 0, out[-6000:]
-        assert "Tested: 8" in out and " passed" in out, out[-3000:]
+        assert "Tested: 13" in out and " passed" in out, out[-3000:]
         text = httpx.get(srv.url + "/metrics", headers={"X-API-Key": KEY}).text
         counts = [ln for ln in text.splitlines() if ln.startswith("featcache_requests_total{")]
         assert counts and not [ln for ln in counts if 'status="5' in ln], counts
@@ -425,3 +425,140 @@ def test_refuses_an_index_of_another_cache(imagenet_cache, imagenet_dir, tmp_pat
     assert main(["serve", "--cache", str(imagenet_cache), "--index", str(tmp_path / "index"), "--port", "1", "--json"]) == 5
     err = json.loads(capsys.readouterr().out)
     assert err["error"] == "CacheMismatch" and str(other) in err["message"] and str(imagenet_cache) in err["message"]
+
+
+# -- the page's API: thumbnails, listings, labels in hits, classify by content hash (issue 14) ---------------
+def test_thumbnails_by_content_hash(client, served, imagenet_cache):
+    """A JPEG within the size asked, strong ETag, 304 on revalidation, the second one from server memory."""
+    feats = FeatureCache(imagenet_cache).read()
+    sha = str(feats.sha256[0])
+    r = client.get(f"/v1/images/{sha}/thumbnail", params={"size": 64})
+    assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg", r.text
+    img = Image.open(io.BytesIO(r.content))
+    assert img.format == "JPEG" and max(img.size) == 64
+    assert r.headers["etag"] == f'"{sha}-64"' and "immutable" in r.headers["cache-control"]
+    assert 'desc="render"' in r.headers["server-timing"]
+    again = client.get(f"/v1/images/{sha}/thumbnail", params={"size": 64})
+    assert again.content == r.content and 'desc="memory"' in again.headers["server-timing"]
+    r304 = client.get(f"/v1/images/{sha}/thumbnail", params={"size": 64}, headers={"If-None-Match": r.headers["etag"]})
+    assert r304.status_code == 304 and not r304.content and r304.headers["etag"] == r.headers["etag"]
+    big = client.get(f"/v1/images/{sha}/thumbnail", params={"size": 512})
+    assert max(Image.open(io.BytesIO(big.content)).size) <= 512
+    for size in ("31", "513", "x"):
+        assert client.get(f"/v1/images/{sha}/thumbnail", params={"size": size}).status_code == 422
+    assert client.get(f"/v1/images/{'0' * 64}/thumbnail").status_code == 404  # a hash the cache does not hold
+    for bad in ("..%2F..%2Fetc%2Fpasswd", sha.upper(), sha[:-1], "%2Fetc%2Fpasswd"):  # never a path
+        assert client.get(f"/v1/images/{bad}/thumbnail").status_code in (404, 422), bad
+    assert httpx.get(served[0].url + f"/v1/images/{sha}/thumbnail").status_code == 401  # behind the key
+    assert client.get("/v1/info").json()["thumbnails"]["hits"] >= 1
+
+
+def test_thumbnail_memory_is_bounded_in_bytes_least_recently_used_first():
+    from featcache.service.thumbnails import ThumbnailCache
+
+    lru = ThumbnailCache(max_bytes=1000)
+    for i in range(3):
+        lru.put((f"s{i}", 64), bytes(300))
+    assert lru.bytes == 900 and lru.get(("s0", 64)) is not None  # s0 is now the most recent
+    lru.put(("s3", 64), bytes(300))  # over 1000: the least recently used (s1) goes
+    assert lru.get(("s1", 64)) is None and lru.get(("s0", 64)) is not None and lru.bytes == 900
+    lru.put(("huge", 64), bytes(2000))  # larger than the whole budget: not kept, nothing evicted for it
+    assert lru.get(("huge", 64)) is None and lru.bytes == 900
+    assert lru.describe() == {"items": 3, "bytes": 900, "max_bytes": 1000, "hits": 2, "misses": 2}
+
+
+def test_thumbnail_of_a_changed_or_gone_file_is_410(imagenet_dir, tmp_path, lite0_embedder):
+    """The file is re-hashed: bytes that no longer match the image's identity are never shown under it."""
+    from featcache.extract.pipeline import ExtractConfig, Extraction
+
+    src = tmp_path / "src"
+    src.mkdir()
+    files = sorted(Path(imagenet_dir).rglob("*.jpg"))[:3]
+    for p in files:
+        (src / p.name).write_bytes(p.read_bytes())
+    Extraction(ExtractConfig(str(src), str(tmp_path / "cache"), progress=False), lite0_embedder).run()
+    shas = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+    with LiveServer(create_app(ServiceConfig(cache=str(tmp_path / "cache"), device="cpu"))) as srv:
+        a, b, c = (shas[p.name] for p in files)
+        assert httpx.get(f"{srv.url}/v1/images/{a}/thumbnail").status_code == 200
+        (src / files[1].name).write_bytes(files[2].read_bytes())  # edited in place: other bytes
+        (src / files[2].name).unlink()
+        for sha in (b, c):
+            r = httpx.get(f"{srv.url}/v1/images/{sha}/thumbnail")
+            assert r.status_code == 410 and r.json()["error"] == "Gone" and "featcache extract" in r.json()["message"]
+
+
+def test_listings_labels_and_classify_by_hash(client, imagenet_cache, files):
+    feats = FeatureCache(imagenet_cache).read()
+    labels = client.get("/v1/labels").json()
+    assert labels["images"] == len(feats) == sum(x["count"] for x in labels["labels"])
+    assert {x["label"]: x["count"] for x in labels["labels"]} == dict(zip(*np.unique(feats.labels, return_counts=True)))
+    seen = []
+    for offset in range(0, 20, 7):  # pages tile the collection: no gap, no overlap, stable order
+        page = client.get("/v1/images", params={"offset": offset, "limit": 7}).json()
+        assert page["total"] == 20
+        seen += [(i["sha256"], i["key"], i["label"]) for i in page["images"]]
+    assert sorted(seen) == sorted(zip(feats.sha256.tolist(), feats.keys.tolist(), feats.labels.tolist()))
+    assert [s[2] for s in seen] == sorted(s[2] for s in seen)
+    two = client.get("/v1/images", params={"label": "609"}).json()
+    assert two["total"] == 2 and {i["label"] for i in two["images"]} == {"609"}
+    assert client.get("/v1/images", params={"label": "no-such"}).json() == {
+        "label": "no-such", "total": 0, "offset": 0, "limit": 48, "images": []}
+    assert client.get("/v1/images", params={"limit": 201}).status_code == 422
+    assert client.get("/v1/labels", params={"limit": 1001}).status_code == 422
+
+    img = files[3]
+    hits = _post_image(client, "/v1/search", img.read_bytes(), k=5).json()["hits"]
+    label_of = dict(zip(feats.sha256.tolist(), feats.labels.tolist()))
+    assert [h["label"] for h in hits] == [label_of[h["sha256"]] for h in hits]
+    by_upload = _post_image(client, "/v1/classify", img.read_bytes(), head="nn1").json()
+    sha = hashlib.sha256(img.read_bytes()).hexdigest()
+    by_hash = client.post("/v1/classify", data={"sha256": sha, "head": "nn1"})
+    assert by_hash.status_code == 200, by_hash.text
+    assert by_hash.json()["label"] == by_upload["label"] == img.parent.name
+    assert "model" not in by_hash.json()["timings_ms"]  # the cached vector: no decode, no forward pass
+    assert _post_image(client, "/v1/classify", img.read_bytes(), sha256=sha).status_code == 400  # both
+    assert client.post("/v1/classify", data={"head": "nn3"}).status_code == 400  # neither
+    assert client.post("/v1/classify", data={"sha256": "0" * 64}).status_code in (400, 404)
+    # one image per label for most of these 20 photos: no cross-validation possible, said so
+    r = client.get("/v1/heads/nn1/review")
+    assert r.status_code == 400 and "at least 2 images" in r.json()["message"]
+    dup = client.get("/v1/duplicates", params={"threshold": 0.99}).json()
+    assert dup["images"] == 20 and dup["total"] == 0
+
+
+def test_docs_pages_load_only_local_assets(client, served):
+    """/docs and /redoc name no URL off this server; the assets they name are served (open, no key)."""
+    url = served[0].url
+    for page in ("/docs", "/redoc"):
+        html = httpx.get(url + page).text
+        assert "http://" not in html and "https://" not in html, page
+        for asset in ("swagger-ui-bundle.js", "swagger-ui.css") if page == "/docs" else ("redoc.standalone.js",):
+            assert f"/docs-assets/{asset}" in html
+            assert httpx.get(f"{url}/docs-assets/{asset}").status_code == 200
+    r = httpx.get(url + "/", follow_redirects=False)
+    assert r.status_code == 307 and r.headers["location"] == "/ui/"
+    page = httpx.get(url + "/ui/")
+    assert page.status_code == 200 and "app.js" in page.text and "https://" not in page.text
+    assert httpx.get(url + "/ui/app.js").status_code == 200
+
+
+def test_serve_prints_where_it_listens_and_logs_access(imagenet_cache, served):
+    """`featcache serve --port 0 --access-log`: the real URL and what it loaded on stdout, a line per request."""
+    cfg = served[1]
+    proc = subprocess.Popen([sys.executable, "-m", "featcache.cli", "serve", "--cache", str(imagenet_cache),
+                             "--head", f"nn1={cfg.heads['nn1']}", "--index", cfg.index, "--device", "cpu",
+                             "--port", "0", "--access-log"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = [proc.stdout.readline() for _ in range(7)]
+        text = "".join(lines)
+        assert lines[0].startswith("featcache serve: listening on http://127.0.0.1:"), text
+        url = lines[0].split()[-1]
+        assert f"{url}/ui/" in text and "20 images" in text and "nn1 (knn, 19 labels" in text
+        assert "flat, 20 vectors" in text and "API key  none" in text
+        assert httpx.get(url + "/ui/").status_code == 200
+    finally:
+        proc.terminate()
+        out, err = proc.communicate(timeout=30)
+    assert '"GET /ui/ HTTP/1.1" 200' in out, (out + err)[-2000:]  # uvicorn's access log goes to stdout

@@ -30,7 +30,7 @@ from .writer import CacheWriter, TapCatchUp
 class ExtractConfig:
     source: str | None  # folder or CSV; None with ``Extraction.run(listing)``
     cache: str
-    backbone: str = DEFAULT_BACKBONE
+    backbone: str | list[str] = DEFAULT_BACKBONE  # several: each image is decoded once and embedded by each
     weights: str | None = None
     taps: list[str] = field(default_factory=lambda: ["final"])
     precision: str = "auto"
@@ -59,10 +59,48 @@ def cached_images(cache: FeatureCache) -> Listing:
                     if k])
 
 
-class Extraction:
-    """One run of ``featcache extract``; ``run()`` returns the summary dict."""
+class Target:
+    """One backbone of a run: its embedder and the cache group of its fingerprint."""
 
-    def __init__(self, cfg: ExtractConfig, embedder: Embedder | None = None):
+    def __init__(self, embedder: Embedder):
+        self._embedder = embedder
+        self.group: FeatureGroup | None = None
+        self.catch_up: TapCatchUp | None = None  # taps added to the group after its rows were written
+
+    @property
+    def fingerprint(self) -> str:
+        return self._embedder.fingerprint
+
+    @property
+    def spec(self):
+        return self._embedder.spec
+
+    @property
+    def embedder(self) -> Embedder:
+        """The embedder, computing every tap the fingerprint's group holds (so all taps advance together)."""
+        emb = self._embedder
+        if self.group is not None and set(self.group.taps) != set(emb.taps):
+            emb = Embedder(emb.backbone, sorted(self.group.taps), str(emb.device), emb.precision, emb.threads)
+            self._embedder = emb
+        return emb
+
+    def description(self) -> dict:
+        """What rebuilds this embedder elsewhere (a Ray worker): ``embedder_for``'s inputs + the fingerprint."""
+        emb = self._embedder
+        return {"description": emb.spec.describe(), "canon": emb.canon, "fingerprint": emb.fingerprint}
+
+    def open(self, cache: FeatureCache, commit_every: int) -> None:
+        emb = self._embedder
+        self.group = cache.feature_group(emb.fingerprint, emb.canon, emb.spec.describe(),
+                                         emb.backbone.tap_dims(emb.taps))
+        lagging = min(self.group.tap_rows.values()) < self.group.rows
+        self.catch_up = TapCatchUp(self.group, commit_every) if lagging else None
+
+
+class Extraction:
+    """One run of ``featcache extract`` (one or several backbones); ``run()`` returns the summary dict."""
+
+    def __init__(self, cfg: ExtractConfig, embedder: Embedder | list[Embedder] | None = None):
         if cfg.engine not in ENGINES:
             raise UsageError(f"--engine must be one of {ENGINES}, got {cfg.engine!r}")
         for name in ("max_pixels", "max_file_bytes", "commit_every"):
@@ -74,29 +112,20 @@ class Extraction:
 
             require_ray(cfg.ray_address)
         if embedder is None:
-            backbone = Backbone.load(resolve(cfg.backbone, cfg.weights))
-            embedder = Embedder(backbone, cfg.taps, cfg.device, cfg.precision)
-        self._embedder = embedder
-        self.preprocess = embedder.spec.preprocess
-        self.gpu = embedder.device.type == "cuda"
+            names = [cfg.backbone] if isinstance(cfg.backbone, str) else list(cfg.backbone)
+            embedder = [Embedder(Backbone.load(resolve(n, cfg.weights)), cfg.taps, cfg.device, cfg.precision)
+                        for n in dict.fromkeys(names)]
+        embedders = embedder if isinstance(embedder, list) else [embedder]
+        fps = [e.fingerprint for e in embedders]
+        if len(set(fps)) != len(fps):
+            raise UsageError("two of the backbones give the same fingerprint (the same network, weights and "
+                             "preprocessing): name each once")
+        self.targets = [Target(e) for e in embedders]
+        self.preprocess = [e.spec.preprocess for e in embedders]
+        self.gpu = any(e.device.type == "cuda" for e in embedders)
         self.workers = cfg.workers or available_cpus()
         self.batch_size = cfg.batch_size or (64 if self.gpu else 8)
         self.timings: Counter = Counter()
-        self.group: FeatureGroup | None = None
-
-    @property
-    def embedder(self) -> Embedder:
-        """The embedder, computing every tap the fingerprint's group holds (so all taps advance together)."""
-        emb = self._embedder
-        if self.group is not None and set(self.group.taps) != set(emb.taps):
-            emb = Embedder(emb.backbone, sorted(self.group.taps), str(emb.device), emb.precision, emb.threads)
-            self._embedder = emb
-        return emb
-
-    def embedder_description(self) -> dict:
-        """What rebuilds this run's embedder elsewhere (a Ray worker): ``embedder_for``'s inputs + the fingerprint."""
-        emb = self._embedder
-        return {"description": emb.spec.describe(), "canon": emb.canon, "fingerprint": emb.fingerprint}
 
     def run(self, listing: Listing | None = None) -> dict:
         """Extract ``cfg.source`` (or the given listing) into the cache."""
@@ -114,32 +143,32 @@ class Extraction:
         return summary
 
     def _run(self, cache: FeatureCache, listing: Listing) -> dict:
-        emb = self._embedder
-        tap_dims = emb.backbone.tap_dims(emb.taps)
-        self.group = cache.feature_group(emb.fingerprint, emb.canon, emb.spec.describe(), tap_dims)
-        writer = CacheWriter(cache, self.group, self.cfg.commit_every)
+        for t in self.targets:
+            t.open(cache, self.cfg.commit_every)
+        writer = CacheWriter(cache, {t.fingerprint: t.group for t in self.targets}, self.cfg.commit_every)
         for f in listing.failed:
             writer.unreadable(f["key"], f["error"])
-        lagging = min(self.group.tap_rows.values()) < self.group.rows
-        catch_up = TapCatchUp(self.group, self.cfg.commit_every) if lagging else None
-        total = len(listing.items) + (self.group.rows - catch_up.start if catch_up else 0)
-        progress = Progress(total, f"extract {emb.spec.name}", self.cfg.progress and total > 0)
-        t = time.perf_counter()
-        self._engine().run(writer, listing.items, catch_up, progress)
+        total = len(listing.items) + sum(t.group.rows - t.catch_up.start for t in self.targets if t.catch_up)
+        name = "+".join(t.spec.name for t in self.targets)
+        progress = Progress(total, f"extract {name}", self.cfg.progress and total > 0)
+        t0 = time.perf_counter()
+        self._engine().run(writer, listing.items, progress)
         progress.close()
-        self.timings["extract"] += time.perf_counter() - t
+        self.timings["extract"] += time.perf_counter() - t0
         self.timings.update(writer.timings)
-        if catch_up is not None:
-            self.timings.update(catch_up.timings)
-        emb = self.embedder
-        summary = {
-            "cache": str(cache.root), "fingerprint": emb.fingerprint, "backbone": emb.spec.name,
-            "device": str(emb.device), "precision": emb.precision, "taps": sorted(self.group.taps),
-            "engine": self.cfg.engine, **writer.summary(),
-            "skipped_non_image_suffix": listing.skipped, "batch_size": self.batch_size, "workers": self.workers,
-        }
-        if catch_up is not None and catch_up.missing:
-            summary["tap_rows_missing"] = dict(catch_up.missing)
+        backbones = []
+        for t in self.targets:
+            emb = t.embedder
+            b = {"fingerprint": emb.fingerprint, "backbone": emb.spec.name, "device": str(emb.device),
+                 "precision": emb.precision, "taps": sorted(t.group.taps)}
+            if t.catch_up is not None:
+                self.timings.update(t.catch_up.timings)
+                if t.catch_up.missing:
+                    b["tap_rows_missing"] = dict(t.catch_up.missing)
+            backbones.append(b)
+        summary = {"cache": str(cache.root), **backbones[0], "backbones": backbones, "engine": self.cfg.engine,
+                   **writer.summary(), "skipped_non_image_suffix": listing.skipped, "batch_size": self.batch_size,
+                   "workers": self.workers}
         return summary
 
     def _engine(self):

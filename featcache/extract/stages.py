@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,12 +72,19 @@ def read_file(path: str | Path, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> Read
     return Read(sha256_bytes(data), data)
 
 
-def decode_bytes(data: bytes, pre: Preprocess, max_pixels: int) -> np.ndarray | str:
-    """uint8 (3, crop, crop) pixels, or the reason these bytes fail (plain types: they cross processes)."""
-    from .decode import load_image
+def decode_bytes(data: bytes, pres: Sequence[Preprocess], max_pixels: int) -> list[np.ndarray] | str:
+    """uint8 (3, crop, crop) pixels for each preprocessing (one per backbone of the run), or the reason
+    these bytes fail (plain types: they cross processes). The file is decoded once per background."""
+    from .decode import decode_rgb, load_image, preprocess
 
     try:
-        return load_image(data, pre, max_pixels).numpy()
+        if len(pres) == 1:
+            return [load_image(data, pres[0], max_pixels).numpy()]
+        rgb: dict = {}
+        for pre in pres:
+            if pre.background not in rgb:
+                rgb[pre.background] = decode_rgb(data, pre.background, max_pixels)
+        return [preprocess(rgb[pre.background], pre).numpy() for pre in pres]
     except FeatcacheError as e:
         return str(e)
     except Exception as e:  # noqa: BLE001 - a hostile file must not stop the job

@@ -1,8 +1,10 @@
-"""The single writer of an extraction: the image table and one fingerprint's rows, through the ledger.
+"""The single writer of an extraction: the image table and each fingerprint's rows, through the ledger.
 
 Whatever engine computed them, results arrive here (in any order) and are committed the same way:
-new image rows first, then metadata changes, then feature rows past the ledger and one atomic
-ledger move. A killed job leaves at most image rows without features, which the next run extracts.
+new image rows first, then metadata changes, then each fingerprint's feature rows past its ledger
+and one atomic ledger move per fingerprint. A killed job leaves at most image rows without
+features, which the next run extracts. One run may extract several backbones (fingerprints) at
+once: an image is registered once and gets a row in every fingerprint that lacks it.
 
 Per run, the writer also keeps the identity rules:
 - one row per content: the same bytes under several names are one image (its key is the smallest
@@ -67,10 +69,10 @@ class _Rows:
 
 
 class CacheWriter:
-    """Registers contents and appends this fingerprint's feature rows; ``summary()`` counts the run."""
+    """Registers contents and appends each fingerprint's feature rows; ``summary()`` counts the run."""
 
-    def __init__(self, cache: FeatureCache, group: FeatureGroup, commit_every: int = 512):
-        self.cache, self.group, self.commit_every = cache, group, max(1, commit_every)
+    def __init__(self, cache: FeatureCache, groups: dict[str, FeatureGroup], commit_every: int = 512):
+        self.cache, self.groups, self.commit_every = cache, groups, max(1, commit_every)
         table = cache.images()
         self.committed_images = len(table)
         self.sha = table.sha256.tolist()
@@ -78,10 +80,10 @@ class CacheWriter:
                      "conflict": table.conflict.tolist()}
         self.row_of = {s: i for i, s in enumerate(self.sha)}
         self.key_row = {k: i for i, k in enumerate(self.cols["key"]) if k}
-        self.in_group = set(group.image_rows().tolist())
+        self.in_group = {fp: set(g.image_rows().tolist()) for fp, g in groups.items()}
         self.seen: dict[int, _Seen] = {}
         self.dirty: set[int] = set()
-        self.rows = _Rows(group.rows, self.commit_every, group.taps)
+        self.rows = {fp: _Rows(g.rows, self.commit_every, g.taps) for fp, g in groups.items()}
         self.timings: Counter = Counter()
         self.counts: Counter = Counter()
         self.failures: list[dict] = []
@@ -89,10 +91,13 @@ class CacheWriter:
         self._updates: set[int] = set()  # committed image rows whose metadata changed
 
     # -- contents -----------------------------------------------------------------
-    def known(self, sha256: str) -> bool:
-        """This content already has a row in this fingerprint: no model work for it."""
-        row = self.row_of.get(sha256)
-        return row is not None and row in self.in_group
+    def needs(self, row: int) -> frozenset[str]:
+        """The fingerprints that have no row for image ``row`` yet: the model work it needs."""
+        return frozenset(fp for fp, rows in self.in_group.items() if row not in rows)
+
+    def known_digests(self, fingerprint: str) -> list[bytes]:
+        """Raw sha256 digests of the contents ``fingerprint`` holds (what an engine can skip)."""
+        return [bytes.fromhex(self.sha[r]) for r in self.in_group[fingerprint]]
 
     def register(self, item: Item, sha256: str) -> tuple[str, int]:
         """("new" | "known" | "duplicate", image row) for a file that was read."""
@@ -116,7 +121,7 @@ class CacheWriter:
         self.seen[row] = _Seen(item.key, item.path, item.label, {item.label}, [item.key])
         self.dirty.add(row)
         self.counts["unique_images"] += 1
-        if row in self.in_group:
+        if not self.needs(row):
             self.counts["already_cached"] += 1
             return "known", row
         return "new", row
@@ -133,34 +138,37 @@ class CacheWriter:
             self.failures.append({"key": key, "error": reason})
 
     # -- feature rows -------------------------------------------------------------
-    def add(self, row: int, result: dict[str, np.ndarray] | str) -> None:
-        """A new feature row for image ``row``: tap vectors, or the reason it failed."""
+    def add(self, row: int, result: dict[str, dict[str, np.ndarray]] | str) -> None:
+        """New feature rows for image ``row`` in every fingerprint that lacks it: {fingerprint: {tap:
+        vector}}, or the reason the image failed (a failed row in each of them)."""
         failed = isinstance(result, str)
-        buf = self.rows
-        if not failed:
-            for tap, vectors in buf.taps.items():
-                vectors[len(buf)] = result[tap]
-        buf.image.append(row)
-        buf.status.append(STATUS_FAILED if failed else STATUS_OK)
-        buf.error.append(result if failed else "")
-        self.in_group.add(row)
+        for fp in self.needs(row):
+            buf = self.rows[fp]
+            if not failed:
+                for tap, vectors in buf.taps.items():
+                    vectors[len(buf)] = result[fp][tap]
+            buf.image.append(row)
+            buf.status.append(STATUS_FAILED if failed else STATUS_OK)
+            buf.error.append(result if failed else "")
+            self.in_group[fp].add(row)
         self.counts["extracted"] += 1
         if failed:
             self._fail(self.seen[row].key if row in self.seen else self.cols["key"][row], result)
-        if len(buf) >= self.commit_every:
+        if max(len(b) for b in self.rows.values()) >= self.commit_every:
             self.commit()
 
     def commit(self) -> None:
         """Make everything added so far durable and visible (image rows, metadata, then the ledger)."""
         t = time.perf_counter()
         self._flush_images()
-        buf = self.rows
-        if len(buf):
-            end = buf.start + len(buf)
-            self.group.write_rows(buf.start, np.asarray(buf.image, np.int64), np.asarray(buf.status, np.int8), buf.error)
+        for fp, buf in self.rows.items():
+            if not len(buf):
+                continue
+            group, end = self.groups[fp], buf.start + len(buf)
+            group.write_rows(buf.start, np.asarray(buf.image, np.int64), np.asarray(buf.status, np.int8), buf.error)
             for tap, vectors in buf.taps.items():
-                self.group.write_tap(tap, buf.start, vectors[: len(buf)])
-            self.group.commit(end, dict.fromkeys(buf.taps, end))
+                group.write_tap(tap, buf.start, vectors[: len(buf)])
+            group.commit(end, dict.fromkeys(buf.taps, end))
             buf.reset(end)
         self.timings["write"] += time.perf_counter() - t
 

@@ -1,17 +1,23 @@
 """The FastAPI application: routers per concern, auth and limits as dependencies, models in ``lifespan``.
 
 Every error body, FastAPI's own validation and routing errors included, is an ``ErrorResponse``
-(``{"error", "message"}``), and the OpenAPI schema says so. Open without the API key:
-``/healthz``, ``/readyz`` (probes) and ``/docs``, ``/redoc``, ``/openapi.json`` (the schema is
-no secret: it is the same for every server). Behind it when one is set: ``/v1/*`` and ``/metrics``.
+(``{"error", "message"}``), and the OpenAPI schema says so.
+
+What is open without the API key: what holds no data and no secret and is the same for every
+server: ``/healthz``, ``/readyz`` (probes), ``/openapi.json``, ``/docs``, ``/redoc`` and their
+assets, and the page's files (``/``, ``/ui/``). Behind the key when one is set: everything that
+answers with the served data or the server's traffic, ``/v1/*`` (thumbnails included) and
+``/metrics``. The page asks for the key and sends it on its own ``/v1`` calls.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from http import HTTPStatus
 
+import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -24,11 +30,12 @@ from .deps import require_api_key
 from .metrics import Metrics
 from .middleware import RequestLimits, RequestMetrics
 from .models import ErrorResponse
-from .routers import classify, embed, health, info, metrics, search
+from .routers import classify, embed, health, images, info, metrics, review, search
+from .routers.pages import add_pages
 from .state import Plan, ServiceState, preflight
 
 log = logging.getLogger(__name__)
-_ERRORS = {s: {"model": ErrorResponse} for s in (400, 404, 409, 413, 415, 422, 503)}
+_ERRORS = {s: {"model": ErrorResponse} for s in (400, 404, 409, 410, 413, 415, 422, 503)}
 _AUTH = {401: {"model": ErrorResponse, "description": "missing or wrong X-API-Key (when the server has a key)"}}
 _ANY = {431: {"model": ErrorResponse, "description": "request headers over the size limit"}}
 
@@ -51,17 +58,21 @@ def create_app(config: ServiceConfig, plan: Plan | None = None) -> FastAPI:
         finally:
             app.state.fc = None
             await state.batcher.stop()
+            state.decoders.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="featcache", version=__version__, lifespan=lifespan, responses=_ANY,
-                  description="Embeddings, classification and similarity search over a featcache cache.")
+                  docs_url=None, redoc_url=None,  # served from local files by add_pages
+                  description="Embeddings, classification and similarity search over a featcache cache. "
+                              "A web page for people is at /ui/.")
     app.state.config = config
     app.state.metrics = metrics_
     app.state.fc = None
     secured = [Depends(require_api_key)]
     app.include_router(health.router)
     app.include_router(metrics.router, dependencies=secured, responses=_AUTH)
-    for r in (embed.router, classify.router, search.router, info.router):
+    for r in (embed.router, classify.router, search.router, info.router, images.router, review.router):
         app.include_router(r, dependencies=secured, responses=_ERRORS | _AUTH)
+    add_pages(app)
     if config.api_key is None:
         _drop_security_from_schema(app)
 
@@ -121,9 +132,59 @@ def _drop_security_from_schema(app: FastAPI) -> None:
     app.openapi = openapi
 
 
-def serve(config: ServiceConfig, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Run the app under uvicorn (one process; the model thread and micro-batcher live in it)."""
-    import uvicorn
+def _say(line: str) -> None:
+    print(line, flush=True)
 
+
+def serve(config: ServiceConfig, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning",
+          access_log: bool = False, out: Callable[[str], None] = _say) -> None:
+    """Run the app under uvicorn (one process; the model thread and micro-batcher live in it).
+
+    Says on ``out`` what it loaded and where it listens once it does (the real port, also for
+    ``port=0``). ``log_level`` applies to uvicorn's and featcache's loggers; ``access_log`` logs
+    one line per request (at any level).
+    """
     plan = preflight(config)  # a foreign head or index fails here, with the CLI's exit code, not inside uvicorn
-    uvicorn.run(create_app(config, plan), host=host, port=port, log_level="warning", access_log=False)
+    app = create_app(config, plan)
+    uv_config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=access_log)
+    logging.getLogger("featcache").setLevel(log_level.upper())
+    if access_log:
+        logging.getLogger("uvicorn.access").setLevel(logging.INFO)
+    _AnnouncingServer(uv_config, app, out).run()
+
+
+def describe_start(state: ServiceState, url: str) -> list[str]:
+    """What ``serve`` prints once it listens: where, and what it loaded."""
+    info = state.describe()
+    heads = ", ".join(f"{h['name']} ({h['type']}, {len(h['labels'])} labels, tap {h['tap']})" for h in info["heads"])
+    index = info["index"]
+    lines = [
+        f"featcache serve: listening on {url}",
+        f"  page     {url}/ui/",
+        f"  API      {url}/docs  (schema {url}/openapi.json)",
+        f"  cache    {state.catalogue.cache.root}  ({info['images']:,} images, fingerprint {info['fingerprint']}, "
+        f"{info['backbone']}, {info['device']}/{info['precision']})",
+        f"  heads    {heads or 'none (classify and check need --head NAME=HEAD_DIR)'}",
+        "  index    " + (f"{index['kind']}, {index['count']:,} vectors, tap {index['tap']}" if index
+                        else "none (search needs --index INDEX_DIR)"),
+        "  API key  " + ("required on /v1/* and /metrics (X-API-Key)" if state.config.api_key
+                         else "none: everything is open (bind to loopback, or set --api-key-file)"),
+    ]
+    return lines
+
+
+class _AnnouncingServer(uvicorn.Server):
+    """A uvicorn server that prints ``describe_start`` once its sockets are bound (so the port is the real one)."""
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI, out: Callable[[str], None]):
+        super().__init__(config)
+        self.app, self.out = app, out
+
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets)
+        if self.should_exit or not self.servers:
+            return
+        host, port = self.servers[0].sockets[0].getsockname()[:2]
+        shown = f"[{host}]" if ":" in host else host
+        for line in describe_start(self.app.state.fc, f"http://{shown}:{port}"):
+            self.out(line)

@@ -22,3 +22,4 @@ class ServiceConfig:
     max_batch: int = 8
     max_wait_ms: float = 10.0
     model_workers: int | None = None  # forward passes at once (None: one per CPU core on CPU, 1 on a GPU)
+    thumbnail_cache_bytes: int = 64 * 1024 * 1024  # encoded thumbnails kept in memory (LRU)

@@ -41,7 +41,7 @@ class LoadedHead:
         m = self.bundle.manifest
         return {"name": self.name, "labels": [str(c) for c in self.bundle.labels], "tap": self.bundle.tap,
                 "type": m.get("head", {}).get("type", "?"), "fingerprint": self.bundle.fingerprint,
-                "loaded_at": self.loaded_at, "reloads": self.reloads}
+                "loaded_at": self.loaded_at, "reloads": self.reloads, "metrics": m.get("metrics", {})}
 
 
 class HeadRegistry:

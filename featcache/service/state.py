@@ -9,6 +9,7 @@ head bundle and the index once, from the ``Plan`` preflight returned.
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import faiss
@@ -20,9 +21,12 @@ from ..runtime import available_cpus
 from ..store.cache import FeatureCache
 from ..store.index import VectorIndex, check_cache, check_fingerprint, read_manifest
 from .batching import MicroBatcher
+from .catalogue import Catalogue
 from .config import ServiceConfig
 from .heads import HeadRegistry, head_manifest
 from .metrics import Metrics
+from .review import Reviews
+from .thumbnails import ThumbnailCache
 
 log = logging.getLogger(__name__)
 K_MAX = 100  # most neighbours one search returns
@@ -93,6 +97,12 @@ class ServiceState:
         self.heads = HeadRegistry(self.fingerprint, self.embedder.taps)
         for name, path in config.heads.items():
             self.heads.add(name, path)
+        self.catalogue = Catalogue(plan.cache, plan.fingerprint)
+        self.thumbnails = ThumbnailCache(config.thumbnail_cache_bytes)
+        # Decodes get threads of their own: one waiting on the decode memory budget must not hold a
+        # thread of the default pool that classify, search and reviews use.
+        self.decoders = ThreadPoolExecutor(available_cpus(), thread_name_prefix="featcache-decode")
+        self.reviews = Reviews(self.catalogue, self.index.manifest["tap"] if self.index else "final")
         faiss.omp_set_num_threads(1)  # single queries: threads only add latency
         self.batcher = MicroBatcher(self.embedder.embed, config.max_batch, config.max_wait_ms / 1000,
                                     plan.batching, on_batch=metrics.batch.observe, workers=plan.workers)
@@ -106,11 +116,12 @@ class ServiceState:
 
     def describe(self) -> dict:
         return {
-            "fingerprint": self.fingerprint, "backbone": self.backbone.get("name", "?"),
+            "fingerprint": self.fingerprint, "images": len(self.catalogue), "backbone": self.backbone.get("name", "?"),
             "precision": self.embedder.precision, "device": str(self.embedder.device), "taps": self.embedder.taps,
             "heads": [self.heads.get(n).describe() for n in self.heads.names()],
             "index": self.index.stats() if self.index else None,
             "batching": self.batcher.describe(),
             "limits": {"max_upload_bytes": self.config.max_upload_bytes, "max_pixels": self.config.max_pixels,
                        "max_header_bytes": self.config.max_header_bytes, "k_max": K_MAX},
+            "thumbnails": self.thumbnails.describe(),
         }

@@ -15,15 +15,25 @@ Arrays may be longer than their committed row count (capacity grows in whole chu
 only rows below ``attrs["rows"]`` (``attrs["tap_rows"][tap]`` for a tap) are valid. A
 writer fills rows past the ledger, then moves the ledger in one atomic metadata write,
 so a reader or a killed writer never sees partial rows. This module does not import torch.
+
+For array tools that read shapes rather than the ledger (xarray, dask), dimensions are named
+(``image``; ``row``; ``row, <tap>_dim``) and a writer that lets go of the cache ``seal``s it:
+every array cut to its committed rows, then the metadata consolidated into the root's
+``zarr.json``. That consolidated copy is a snapshot of the last finished write, never ahead of
+the ledger; featcache itself always reads the live metadata (``use_consolidated=False``).
 """
 
 from __future__ import annotations
 
 import fcntl
+import json
+import logging
 import os
 import uuid
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import zarr
@@ -32,10 +42,20 @@ from ..errors import CacheError, FingerprintMismatch, NotFoundError, UsageError
 from .names import decode_name, encode_name, printable
 from .outputs import writable_dir
 
+if TYPE_CHECKING:
+    import xarray
+
 FORMAT = 1
+log = logging.getLogger(__name__)
 STATUS_OK, STATUS_FAILED = 0, 1
 _ROWS_1D = 4096
 _TAP_CHUNK_BYTES = 1 << 20
+IMAGE_DIMS, ROW_DIMS = ("image",), ("row",)
+
+
+def tap_dim_names(tap: str) -> tuple[str, str]:
+    """Dimension names of a tap array: its own feature dimension, so taps of any width share a group."""
+    return ("row", f"{tap}_dim")
 
 
 @dataclass
@@ -95,7 +115,8 @@ class FeatureCache:
         if not create and not (self.root / "zarr.json").is_file():
             raise NotFoundError(f"no featcache cache at {self.root} (run `featcache extract SOURCE --cache {self.root}`)")
         try:
-            self.group = zarr.open_group(str(self.root), mode="a" if create else "r", zarr_format=3)
+            self.group = zarr.open_group(str(self.root), mode="a" if create else "r", zarr_format=3,
+                                         use_consolidated=False)  # the live ledger, never the last seal's snapshot
         except Exception as e:  # noqa: BLE001
             raise CacheError(f"{self.root} is not a readable Zarr v3 group: {e}") from e
         meta = dict(self.group.attrs).get("featcache")
@@ -115,12 +136,13 @@ class FeatureCache:
             for name in IMAGE_COLUMNS:  # columns added by later versions appear on the next write
                 if name not in imgs:
                     imgs.create_array(name, shape=(imgs["sha256"].shape[0] if "sha256" in imgs else 0,),
-                                      chunks=(_ROWS_1D,), dtype=str, fill_value="")
+                                      chunks=(_ROWS_1D,), dtype=str, fill_value="", dimension_names=IMAGE_DIMS)
         self.uid: str | None = meta.get("id")
 
     def _open(self, *path: str) -> zarr.Group:
         """A subgroup, read-only for readers."""
-        return zarr.open_group(str(self.root.joinpath(*path)), mode="r+" if self.writable else "r", zarr_format=3)
+        return zarr.open_group(str(self.root.joinpath(*path)), mode="r+" if self.writable else "r", zarr_format=3,
+                               use_consolidated=False)
 
     # -- image table -------------------------------------------------------------
     def _images(self) -> zarr.Group:
@@ -203,9 +225,9 @@ class FeatureCache:
         else:
             g = feats.create_group(fingerprint, attributes={
                 "fingerprint": canon, "backbone": backbone, "rows": 0, "tap_rows": {}, "taps": {}})
-            g.create_array("image", shape=(0,), chunks=(_ROWS_1D,), dtype="int64", fill_value=-1)
-            g.create_array("status", shape=(0,), chunks=(_ROWS_1D,), dtype="int8", fill_value=-1)
-            g.create_array("error", shape=(0,), chunks=(_ROWS_1D,), dtype=str)
+            g.create_array("image", shape=(0,), chunks=(_ROWS_1D,), dtype="int64", fill_value=-1, dimension_names=ROW_DIMS)
+            g.create_array("status", shape=(0,), chunks=(_ROWS_1D,), dtype="int8", fill_value=-1, dimension_names=ROW_DIMS)
+            g.create_array("error", shape=(0,), chunks=(_ROWS_1D,), dtype=str, dimension_names=ROW_DIMS)
             g.create_group("taps")
         taps, tap_rows = dict(g.attrs["taps"]), dict(g.attrs["tap_rows"])
         for tap, dim in tap_dims.items():
@@ -216,7 +238,8 @@ class FeatureCache:
             chunk = max(16, _TAP_CHUNK_BYTES // (4 * dim))
             rows = int(g.attrs["rows"])
             g["taps"].create_array(tap, shape=(_round_up(rows, chunk), dim), chunks=(chunk, dim),
-                                       dtype="float32", fill_value=float("nan"), compressors=None)
+                                       dtype="float32", fill_value=float("nan"), compressors=None,
+                                       dimension_names=tap_dim_names(tap))
             taps[tap], tap_rows[tap] = dim, 0
         g.attrs.update({"taps": taps, "tap_rows": tap_rows})
         return FeatureGroup(self._feature_group(fingerprint))
@@ -228,12 +251,7 @@ class FeatureCache:
         holds any more (its key went to other bytes), and rows this tap could not be computed for
         when it was added later (NaN; the row stays ok for the other taps).
         """
-        fp = self.resolve_fingerprint(fingerprint)
-        g = self._feature_group(fp)
-        attrs = dict(g.attrs)
-        if tap not in attrs["taps"]:
-            raise NotFoundError(f"tap {tap!r} not in fingerprint {fp} (has {sorted(attrs['taps'])})")
-        n = min(int(attrs["rows"]), int(attrs["tap_rows"][tap]))
+        fp, g, n = self._committed(fingerprint, tap)
         image = g["image"][:n]
         status = g["status"][:n]
         errors = _unicode(g["error"][:n])
@@ -250,6 +268,45 @@ class FeatureCache:
             vectors = vectors[keep]
         return Features(fp, tap, np.ascontiguousarray(vectors), imgs.sha256[idx], imgs.key[idx],
                         imgs.label[idx], status[keep], errors[keep], imgs.conflict[idx])
+
+    def _committed(self, fingerprint: str | None, tap: str) -> tuple[str, zarr.Group, int]:
+        """(fingerprint, its group, committed rows of ``tap``): the one place the ledger of a tap is read."""
+        fp = self.resolve_fingerprint(fingerprint)
+        g = self._feature_group(fp)
+        attrs = dict(g.attrs)
+        if tap not in attrs["taps"]:
+            raise NotFoundError(f"tap {tap!r} not in fingerprint {fp} (has {sorted(attrs['taps'])})")
+        return fp, g, min(int(attrs["rows"]), int(attrs["tap_rows"][tap]))
+
+    def to_xarray(self, fingerprint: str | None = None, tap: str = "final") -> xarray.Dataset:
+        """Every committed row of one fingerprint and tap as a lazy ``xarray.Dataset`` (dask arrays).
+
+        Dimensions ``row`` (the cache's feature row, as index ids use it) and ``dim``; ``vectors``,
+        ``status``, ``error`` and the image columns as coordinates. No row past the ledger, whatever
+        the arrays' capacity or a writer running now. Failed rows (status 1, NaN vectors) and
+        orphans (key "") are included, to filter: ``ds.isel(row=(ds.status == 0).values)``;
+        ``read()`` is the filtered in-memory view. Needs ``pip install 'featcache[array]'``.
+        """
+        try:
+            import dask.array as da
+            import xarray as xr
+        except ImportError as e:
+            raise UsageError(f"to_xarray needs xarray and dask: pip install 'featcache[array]' ({e})") from None
+        fp, g, n = self._committed(fingerprint, tap)
+        image = g["image"][:n]
+        imgs = self.images()
+        arr = g["taps"][tap]
+        vectors = da.from_zarr(arr, chunks=arr.chunks)[:n]
+        attrs = {"fingerprint": fp, "tap": tap, "backbone": g.attrs["backbone"].get("name"), "cache": str(self.root)}
+        if self.uid:
+            attrs["cache_id"] = self.uid
+        return xr.Dataset(
+            {"vectors": (("row", "dim"), vectors), "status": ("row", g["status"][:n]),
+             "error": ("row", _unicode(g["error"][:n]))},
+            coords={"row": np.arange(n), "image": ("row", image), "sha256": ("row", imgs.sha256[image]),
+                    "key": ("row", imgs.key[image]), "path": ("row", imgs.path[image]),
+                    "label": ("row", imgs.label[image])},
+            attrs=attrs)
 
     def info(self) -> dict:
         imgs = self.images()
@@ -335,10 +392,59 @@ class _Lock:
             raise CacheError(f"another featcache process is writing to {self.path}; wait for it or stop it") from None
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
         assert self.fd is not None
-        fcntl.flock(self.fd, fcntl.LOCK_UN)
-        os.close(self.fd)
+        try:
+            seal(self.path)
+        except Exception as e:  # noqa: BLE001 - the ledger is still the truth; don't hide the error that got us here
+            if exc_type is None:
+                raise
+            log.warning("cache %s not sealed (%s); readers still see every committed row", self.path, e)
+        finally:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+
+
+def seal(root: str | os.PathLike) -> None:
+    """Leave a cache as array tools expect it: each array cut to its committed rows, dimensions named, metadata
+    consolidated. Run by the writer as it lets go of the cache (once per run, never per commit); anything else
+    that writes must hold the writer lock. A cache that is not a featcache cache (or none yet) is left alone."""
+    root = Path(root)
+    if not (root / "zarr.json").is_file():
+        return
+    group = zarr.open_group(str(root), mode="r+", zarr_format=3, use_consolidated=False)
+    if "featcache" not in group.attrs:
+        return
+    if "images" in group:
+        rows = int(group["images"].attrs["rows"])
+        for name in group["images"].array_keys():
+            _fit(root / "images" / name, rows, IMAGE_DIMS)
+    if "features" in group:
+        for fp in group["features"].group_keys():
+            g = group["features"][fp]
+            rows, tap_rows = int(g.attrs["rows"]), g.attrs["tap_rows"]
+            for name in g.array_keys():
+                _fit(root / "features" / fp / name, rows, ROW_DIMS)
+            for tap in g["taps"].array_keys():
+                if tap in tap_rows:  # a tap array not in the ledger yet (creation interrupted) is left as it is
+                    _fit(root / "features" / fp / "taps" / tap, int(tap_rows[tap]), tap_dim_names(tap))
+    with warnings.catch_warnings():  # "consolidated metadata is not part of the v3 spec": xarray reads it all the same
+        warnings.simplefilter("ignore", UserWarning)
+        zarr.consolidate_metadata(str(root), zarr_format=3)
+
+
+def _fit(path: Path, rows: int, dims: tuple[str, ...]) -> None:
+    """Name an array's dimensions (arrays made before names existed) and cut its capacity to ``rows``."""
+    meta_file = path / "zarr.json"
+    meta = json.loads(meta_file.read_text())
+    if meta.get("dimension_names") != list(dims):
+        meta["dimension_names"] = list(dims)
+        tmp = meta_file.with_name(".zarr.json.tmp")
+        tmp.write_text(json.dumps(meta, indent=2))
+        os.replace(tmp, meta_file)
+    arr = zarr.open_array(str(path), mode="r+", zarr_format=3)
+    if arr.shape[0] > rows:  # never grown here: rows past the capacity would be fill values posing as data
+        arr.resize((rows, *arr.shape[1:]))
 
 
 def strings(values) -> np.ndarray:

@@ -22,11 +22,11 @@ import torch
 
 from ..sources import Item
 from ..stages import decode_bytes, read_file
-from ..writer import CacheWriter, TapCatchUp
+from ..writer import CacheWriter
 
 if TYPE_CHECKING:
     from ...progress import Progress
-    from ..pipeline import Extraction
+    from ..pipeline import Extraction, Target
 
 WINDOW_BYTES = 256 * 1024 * 1024  # file bytes held in memory at once (besides a single larger file)
 
@@ -56,12 +56,15 @@ class LocalEngine:
         self.batch_size = ex.batch_size
         self.window = max(64, 4 * self.batch_size)
 
-    def run(self, writer: CacheWriter, items: list[Item], catch_up: TapCatchUp | None, progress: Progress) -> None:
+    def run(self, writer: CacheWriter, items: list[Item], progress: Progress, new: bool = True) -> None:
+        """Taps added to existing rows first (each fingerprint's catch-up), then the listed files."""
         with ThreadPoolExecutor(self.ex.workers, thread_name_prefix="featcache") as pool, self._decoder_pool() as procs:
             self.pool, self.decoders = pool, procs or pool
-            if catch_up is not None:
-                self._catch_up(writer, catch_up, progress)
-            self._new(writer, items, progress)
+            for target in self.ex.targets:
+                if target.catch_up is not None:
+                    self._catch_up(writer, target, progress)
+            if new:
+                self._new(writer, items, progress)
 
     def _decoder_pool(self):
         use = self.ex.gpu if self.cfg.decode_processes is None else self.cfg.decode_processes
@@ -98,13 +101,14 @@ class LocalEngine:
         writer.commit()
 
     def _embed_into(self, writer: CacheWriter, work: list[tuple[int, bytes]], progress: Progress) -> None:
-        for (row, _), result in zip(work, self.compute([d for _, d in work])):
+        results = self.compute([d for _, d in work], [writer.needs(row) for row, _ in work])
+        for (row, _), result in zip(work, results):
             writer.add(row, result)
         progress.update(len(work))
 
-    def _catch_up(self, writer: CacheWriter, catch: TapCatchUp, progress: Progress) -> None:
-        """New taps for the fingerprint's existing rows: the same bytes, or the row keeps NaN there."""
-        group = self.ex.group
+    def _catch_up(self, writer: CacheWriter, target: Target, progress: Progress) -> None:
+        """New taps for a fingerprint's existing rows: the same bytes, or the row keeps NaN there."""
+        group, catch = target.group, target.catch_up
         rows = group.image_rows()
         status = group.status()
         table = writer.cache.images()
@@ -123,8 +127,9 @@ class LocalEngine:
                     results[r] = "content changed: the file now holds other bytes than when it was extracted"
                 else:
                     data.append(r)
-            for r, res in zip(data, self.compute([reads[r].data for r in data])):
-                results[r] = res if isinstance(res, dict) else f"not computed: {res}"
+            only = frozenset([target.fingerprint])
+            for r, res in zip(data, self.compute([reads[r].data for r in data], [only] * len(data))):
+                results[r] = res[target.fingerprint] if isinstance(res, dict) else f"not computed: {res}"
             for r in window:
                 catch.add(r, results[r])
             progress.update(len(window))
@@ -132,33 +137,39 @@ class LocalEngine:
         writer.counts["extracted"] += len(todo)
 
     # -- decode + model ---------------------------------------------------------------
-    def compute(self, datas: list[bytes]) -> list[dict[str, np.ndarray] | str]:
-        """Tap vectors (or the failure reason) for each file's bytes, in order, batch by batch."""
+    def compute(self, datas: list[bytes], needs: list[frozenset[str]]) -> list[dict[str, dict[str, np.ndarray]] | str]:
+        """For each file's bytes, {fingerprint: {tap: vector}} for the fingerprints it needs (or the reason
+        it failed), in order, batch by batch; each file is decoded once for all backbones."""
         ex, bs = self.ex, self.batch_size
-        pre, mp = ex.preprocess, self.cfg.max_pixels
-        batches = [datas[i : i + bs] for i in range(0, len(datas), bs)]
+        mp = self.cfg.max_pixels
+        batches = [range(i, min(i + bs, len(datas))) for i in range(0, len(datas), bs)]
         depth = 2 if ex.gpu else 0  # batches decoded ahead of the model
         pending: list[list[Future]] = []
-        out: list[dict[str, np.ndarray] | str] = []
+        out: list[dict[str, dict[str, np.ndarray]] | str] = []
         for i in range(len(batches)):
             if not ex.gpu:
                 torch.set_num_threads(1)  # decode phase: one thread per worker
             t = time.perf_counter()
             while len(pending) <= min(depth, len(batches) - 1 - i):
-                pending.append([self.decoders.submit(decode_bytes, d, pre, mp) for d in batches[i + len(pending)]])
+                pending.append([self.decoders.submit(decode_bytes, datas[j], ex.preprocess, mp)
+                                for j in batches[i + len(pending)]])
             decoded = [f.result() for f in pending.pop(0)]
             ex.timings["decode"] += time.perf_counter() - t
 
-            ok = [j for j, d in enumerate(decoded) if isinstance(d, np.ndarray)]
-            vectors: dict[str, np.ndarray] = {}
-            if ok:  # on the CPU a short batch runs padded to the batch size (one graph shape)
-                t = time.perf_counter()
-                emb = ex.embedder
+            results: list[dict | str] = [{} if isinstance(d, list) else d for d in decoded]
+            t = time.perf_counter()
+            for k, target in enumerate(ex.targets):
+                fp = target.fingerprint
+                ok = [j for j, d in enumerate(decoded) if isinstance(d, list) and fp in needs[batches[i][j]]]
+                if not ok:
+                    continue
+                emb = target.embedder
                 if not ex.gpu:
                     torch.set_num_threads(emb.threads)  # model phase: all cores
-                images = torch.from_numpy(np.stack([decoded[j] for j in ok]))
-                vectors = emb.embed(images, pad_to=None if ex.gpu else bs)
-                ex.timings["model"] += time.perf_counter() - t
-            pos = {j: k for k, j in enumerate(ok)}
-            out += [{tap: v[pos[j]] for tap, v in vectors.items()} if j in pos else d for j, d in enumerate(decoded)]
+                images = torch.from_numpy(np.stack([decoded[j][k] for j in ok]))
+                vectors = emb.embed(images, pad_to=None if ex.gpu else bs)  # CPU: one graph shape
+                for n, j in enumerate(ok):
+                    results[j][fp] = {tap: v[n] for tap, v in vectors.items()}
+            ex.timings["model"] += time.perf_counter() - t
+            out += results
         return out

@@ -35,7 +35,7 @@ from ...runtime import available_cpus
 from ..sources import Item
 from ..spec import Preprocess
 from ..stages import decode_bytes, read_file
-from ..writer import CacheWriter, TapCatchUp
+from ..writer import CacheWriter
 
 if TYPE_CHECKING:
     from ...progress import Progress
@@ -69,22 +69,31 @@ _KNOWN: dict[str, np.ndarray] = {}
 
 
 def _known(box: list) -> np.ndarray:
-    """The sorted digest array, fetched once per worker (a read-only view of the node's object store)."""
+    """A sorted digest array, fetched once per worker (a read-only view of the node's object store)."""
     import ray
 
     key = box[0].hex()
     if key not in _KNOWN:
-        _KNOWN.clear()
+        if len(_KNOWN) > 16:  # arrays of finished runs
+            _KNOWN.clear()
         _KNOWN[key] = ray.get(box[0])
     return _KNOWN[key]
 
 
-def read_batch(batch: dict, known_box: list, max_bytes: int) -> dict:
-    """Read and hash each file once; known content keeps its row, not its bytes."""
+def _holds(known: np.ndarray, digest: bytes) -> bool:
+    j = np.searchsorted(known, digest)
+    # compare the raw 32 bytes: a numpy bytes element drops trailing NULs (1 digest in 256 ends in one)
+    return bool(j < len(known) and known[j : j + 1].tobytes() == digest)
+
+
+def read_batch(batch: dict, known_boxes: list[list], max_bytes: int) -> dict:
+    """Read and hash each file once; ``need`` says which backbones lack it. Content every backbone
+    holds keeps its row, not its bytes."""
     t = time.perf_counter()
-    known = _known(known_box)
+    known = [_known(box) for box in known_boxes]
     n = len(batch["path"])
     data, sha, status, error = [b""] * n, [""] * n, [NEW] * n, [""] * n
+    need = np.zeros((n, len(known)), np.bool_)
     for i, raw in enumerate(batch["path"]):
         r = read_file(os.fsdecode(bytes(raw)), max_bytes)
         if r.error:
@@ -92,84 +101,86 @@ def read_batch(batch: dict, known_box: list, max_bytes: int) -> dict:
             continue
         sha[i] = r.sha256
         digest = bytes.fromhex(r.sha256)
-        j = np.searchsorted(known, digest)
-        # compare the raw 32 bytes: a numpy bytes element drops trailing NULs (1 digest in 256 ends in one)
-        if j < len(known) and known[j : j + 1].tobytes() == digest:
-            status[i] = CACHED
-        else:
+        need[i] = [not _holds(k, digest) for k in known]
+        if need[i].any():
             data[i] = r.data
+        else:
+            status[i] = CACHED
     out = {k: batch[k] for k in ("path", "key", "label")}
     out.update(data=np.array(data, dtype=object), sha256=np.array(sha), status=np.array(status),
-               error=np.array(error), t_read=np.full(n, (time.perf_counter() - t) / n))
+               error=np.array(error), need=need, t_read=np.full(n, (time.perf_counter() - t) / n))
     return out
 
 
 _PRE: dict[str, Preprocess] = {}
 
 
-def decode_batch(batch: dict, preprocess: dict, max_pixels: int) -> dict:
-    """New files' bytes to uint8 pixels; a file that does not decode becomes a failed row with its reason."""
+def decode_batch(batch: dict, preprocess: list[dict], max_pixels: int) -> dict:
+    """New files' bytes to uint8 pixels for each backbone (decoded once); a file that does not decode
+    becomes a failed row with its reason."""
     import torch
 
     torch.set_num_threads(1)  # one decode per CPU the task holds
-    pre = _PRE.setdefault(repr(preprocess), Preprocess.from_dict(preprocess))
+    pres = [_PRE.setdefault(repr(p), Preprocess.from_dict(p)) for p in preprocess]
     n = len(batch["path"])
-    pixels = np.zeros((n, 3, pre.crop, pre.crop), np.uint8)
+    pixels = [np.zeros((n, 3, pre.crop, pre.crop), np.uint8) for pre in pres]
     status, error = batch["status"].astype(object), batch["error"].astype(object)
     t = time.perf_counter()
     for i in np.flatnonzero(batch["status"] == NEW):
-        res = decode_bytes(bytes(batch["data"][i]), pre, max_pixels)
+        res = decode_bytes(bytes(batch["data"][i]), pres, max_pixels)
         if isinstance(res, str):
             status[i], error[i] = FAILED, res
         else:
-            pixels[i] = res
+            for k, x in enumerate(res):
+                pixels[k][i] = x
     out = {k: v for k, v in batch.items() if k != "data"}  # the bytes are dead weight from here on
-    out.update(pixels=pixels, status=status.astype(str), error=error.astype(str),
-               t_decode=np.full(n, (time.perf_counter() - t) / n))
+    out.update({f"pixels:{k}": p for k, p in enumerate(pixels)})
+    out.update(status=status.astype(str), error=error.astype(str), t_decode=np.full(n, (time.perf_counter() - t) / n))
     return out
 
 
 class EmbedActor:
-    """One embedder per actor, built on the first new image (from the stored spec, fingerprint checked)."""
+    """One embedder per backbone per actor, built on the first image that needs it (from the stored spec,
+    its fingerprint checked against the driver's)."""
 
-    def __init__(self, description: dict, canon: dict, fingerprint: str, taps: dict[str, int], device: str,
-                 threads: int, batch_size: int):
-        self.args = (description, canon, sorted(taps), device, threads)
-        self.fingerprint, self.taps, self.batch_size = fingerprint, taps, batch_size
-        self.emb = None
+    def __init__(self, targets: list[dict], device: str, threads: int, batch_size: int):
+        self.targets, self.device, self.threads, self.batch_size = targets, device, threads, batch_size
+        self.embedders: dict[int, object] = {}
 
-    def _embedder(self):
-        if self.emb is None:
+    def _embedder(self, k: int):
+        if k not in self.embedders:
             import torch
 
             from ..embedder import embedder_for
 
-            description, canon, taps, device, threads = self.args
-            torch.set_num_threads(threads)
-            self.emb = embedder_for(description, canon, taps, device, threads)
-            if self.emb.fingerprint != self.fingerprint:
-                raise FingerprintMismatch(f"a Ray worker computes fingerprint {self.emb.fingerprint}, the driver "
-                                          f"{self.fingerprint}: install the same featcache and weights on every node")
-        return self.emb
+            t = self.targets[k]
+            torch.set_num_threads(self.threads)
+            emb = embedder_for(t["description"], t["canon"], sorted(t["taps"]), self.device, self.threads)
+            if emb.fingerprint != t["fingerprint"]:
+                raise FingerprintMismatch(f"a Ray worker computes fingerprint {emb.fingerprint}, the driver "
+                                          f"{t['fingerprint']}: install the same featcache and weights on every node")
+            self.embedders[k] = emb
+        return self.embedders[k]
 
     def __call__(self, batch: dict) -> dict:
         import torch
 
         n = len(batch["key"])
-        out = {k: v for k, v in batch.items() if k != "pixels"}
-        vectors = {tap: np.full((n, dim), np.nan, np.float32) for tap, dim in self.taps.items()}
-        new = np.flatnonzero(batch["status"] == NEW)
+        out = {c: v for c, v in batch.items() if not c.startswith("pixels:")}
         t = time.perf_counter()
-        if len(new):
-            emb = self._embedder()
-            pad = None if emb.device.type == "cuda" else self.batch_size  # one graph shape on the CPU
-            for s in range(0, len(new), self.batch_size):
-                idx = new[s : s + self.batch_size]
-                got = emb.embed(torch.from_numpy(np.ascontiguousarray(batch["pixels"][idx])), pad_to=pad)
-                for tap in self.taps:
-                    vectors[tap][idx] = got[tap]
-        for tap, v in vectors.items():
-            out["tap:" + tap] = v
+        for k, target in enumerate(self.targets):
+            vectors = {tap: np.full((n, dim), np.nan, np.float32) for tap, dim in target["taps"].items()}
+            todo = np.flatnonzero((batch["status"] == NEW) & batch["need"][:, k])
+            if len(todo):
+                emb = self._embedder(k)
+                pad = None if emb.device.type == "cuda" else self.batch_size  # one graph shape on the CPU
+                pixels = batch[f"pixels:{k}"]
+                for s in range(0, len(todo), self.batch_size):
+                    idx = todo[s : s + self.batch_size]
+                    got = emb.embed(torch.from_numpy(np.ascontiguousarray(pixels[idx])), pad_to=pad)
+                    for tap in vectors:
+                        vectors[tap][idx] = got[tap]
+            out.update({f"tap:{k}:{tap}": v for tap, v in vectors.items()})
         out["t_model"] = np.full(n, (time.perf_counter() - t) / n)
         return out
 
@@ -180,13 +191,13 @@ class RayEngine:
         self.ex = ex
         self.cfg = ex.cfg
 
-    def run(self, writer: CacheWriter, items: list[Item], catch_up: TapCatchUp | None, progress: Progress) -> None:
+    def run(self, writer: CacheWriter, items: list[Item], progress: Progress) -> None:
         ray = require_ray(self.cfg.ray_address)
         logging.getLogger("ray.data").setLevel(logging.ERROR)
-        if catch_up is not None:  # taps added to existing rows: a few rows, computed here
+        if any(t.catch_up is not None for t in self.ex.targets):  # taps added to existing rows: computed here
             from .local import LocalEngine
 
-            LocalEngine(self.ex).run(writer, [], catch_up, progress)
+            LocalEngine(self.ex).run(writer, [], progress, new=False)
         if not items:
             return
         with self._connected(ray):
@@ -250,25 +261,26 @@ class RayEngine:
         device = "cuda" if gpa else "cpu"
         batch_size = cfg.batch_size or (64 if gpa else 8)
         block = 2 * batch_size
-        known = np.array(sorted(bytes.fromhex(writer.sha[r]) for r in writer.in_group), dtype="S32")
-        known_box = [ray.put(known)]  # boxed: Ray Data does not resolve object refs inside fn_kwargs
+        # one sorted digest array per backbone; boxed: Ray Data does not resolve object refs inside fn_kwargs
+        known = [[ray.put(np.array(sorted(writer.known_digests(t.fingerprint)), dtype="S32"))] for t in ex.targets]
         rows = [{"path": os.fsencode(str(it.path)), "key": it.key, "label": it.label} for it in items]
-        emb = ex.embedder_description()
+        targets = [{**t.description(), "taps": dict(t.group.taps)} for t in ex.targets]
         ds = ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // block)))
-        ds = ds.map_batches(read_batch, fn_kwargs={"known_box": known_box, "max_bytes": cfg.max_file_bytes},
+        ds = ds.map_batches(read_batch, fn_kwargs={"known_boxes": known, "max_bytes": cfg.max_file_bytes},
                             batch_size=block, batch_format="numpy", num_cpus=task_cpus)
-        ds = ds.map_batches(decode_batch, fn_kwargs={"preprocess": asdict(ex.preprocess), "max_pixels": cfg.max_pixels},
+        ds = ds.map_batches(decode_batch, fn_kwargs={"preprocess": [asdict(p) for p in ex.preprocess],
+                                                     "max_pixels": cfg.max_pixels},
                             batch_size=block, batch_format="numpy", num_cpus=task_cpus)
         return ds.map_batches(
-            EmbedActor, fn_constructor_kwargs={**emb, "taps": dict(ex.group.taps), "device": device,
-                                               "threads": max(1, int(cpa)), "batch_size": batch_size},
+            EmbedActor, fn_constructor_kwargs={"targets": targets, "device": device, "threads": max(1, int(cpa)),
+                                               "batch_size": batch_size},
             batch_size=block, batch_format="numpy", num_cpus=cpa, num_gpus=gpa, compute=ActorPoolStrategy(size=actors))
 
     def _consume(self, b: dict, writer: CacheWriter, progress: Progress) -> None:
         timings = self.ex.timings
         for stage, col in (("hash", "t_read"), ("decode", "t_decode"), ("model", "t_model")):
             timings[stage] += float(b[col].sum())  # CPU-seconds summed over the cluster's workers
-        taps = list(writer.group.taps)
+        taps = [(k, t.fingerprint, list(t.group.taps)) for k, t in enumerate(self.ex.targets)]
         for i in range(len(b["key"])):
             status, key = str(b["status"][i]), str(b["key"][i])
             if status == UNREADABLE:
@@ -276,6 +288,9 @@ class RayEngine:
                 continue
             item = Item(Path(os.fsdecode(bytes(b["path"][i]))), key, str(b["label"][i]))
             action, row = writer.register(item, str(b["sha256"][i]))
-            if action == "new" and status in (NEW, FAILED):
-                writer.add(row, str(b["error"][i]) if status == FAILED else {t: b["tap:" + t][i] for t in taps})
+            if action == "new" and status == FAILED:
+                writer.add(row, str(b["error"][i]))
+            elif action == "new" and status == NEW:
+                writer.add(row, {fp: {tap: b[f"tap:{k}:{tap}"][i] for tap in names}
+                                 for k, fp, names in taps if b["need"][i, k]})
         progress.update(len(b["key"]))
