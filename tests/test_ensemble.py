@@ -1,4 +1,5 @@
-"""Ensembles across backbones (issue 15): the head, ``train`` over several fingerprints, bundles, ``predict``.
+"""Ensembles across backbones (issue 15): the head, ``train`` over several fingerprints, bundles, ``predict``,
+``serve``.
 
 Real data: the Tux Paint cache through EfficientNet-Lite0 (240 images), plus MobileNetV2 vectors of
 a subset of those images (15 per class), so an ensemble's aligned rows leave some Lite0 rows out.
@@ -12,6 +13,7 @@ import subprocess
 import sys
 from collections import Counter
 
+import httpx
 import numpy as np
 import pytest
 from sklearn.base import clone
@@ -25,7 +27,13 @@ from featcache.classify.heads import EnsembleHead, HeadInputError, LogRegHead
 from featcache.cli import main
 from featcache.errors import FingerprintMismatch, UsageError
 from featcache.extract.pipeline import ExtractConfig, Extraction
+from featcache.service.app import create_app
+from featcache.service.config import ServiceConfig
+from featcache.service.state import preflight
 from featcache.store.cache import FeatureCache
+
+from .images import jpeg_bytes, real_photo
+from .live import LiveServer
 
 FAST_LOGREG = {"Cs": (0.1, 1.0), "path_iter": 5}
 PER_CLASS = 15
@@ -154,13 +162,26 @@ def test_train_over_backbones_compares_saves_and_refuses_wrong_vectors(ens_cache
     assert np.allclose(np.load(tmp_path / "p.npy"), p, atol=1e-6)
 
 
-def test_predict_with_an_ensemble_cached_equals_embedded(ens_cache, aligned, tux_csv, tmp_path, capsys):
-    """Parity: predict's probabilities from cached vectors equal those from freshly embedded ones."""
+@pytest.fixture(scope="module")
+def ens_bundle(ens_cache, aligned, tmp_path_factory):
+    """An ensemble bundle (Lite0 + MobileNetV2) trained through the CLI."""
     cache, _ = ens_cache
-    parts, _, fps = aligned
-    out = tmp_path / "ens"
+    _, _, fps = aligned
+    out = tmp_path_factory.mktemp("ensbundle") / "ens"
     assert main(["train", "--cache", str(cache), "--fingerprint", *fps, "--test-split", "0.3",
                  "--param", "logreg.Cs=[0.3]", "--out", str(out), "--json"]) == 0
+    return out
+
+
+def _probabilities(result: dict) -> dict:
+    return {t["label"]: t["probability"] for t in result["top"]}
+
+
+def test_predict_with_an_ensemble_cached_equals_embedded(ens_cache, aligned, ens_bundle, tmp_path, capsys):
+    """Parity: predict's probabilities from cached vectors equal those from freshly embedded ones."""
+    cache, _ = ens_cache
+    parts, _, _ = aligned
+    out = ens_bundle
     capsys.readouterr()
     paths = dict(zip(FeatureCache(cache).images().sha256, FeatureCache(cache).images().path))
     images = [str(paths[s]) for s in parts[0].sha256[:6]]
@@ -181,9 +202,57 @@ def test_predict_with_an_ensemble_cached_equals_embedded(ens_cache, aligned, tux
     assert main(["predict", "--head", str(out), *images, only_lite0, "--json", "--top", "7"]) == 0
     cached = json.loads(capsys.readouterr().out)
     for a, b in zip(cached["results"], embedded["results"]):
-        pa = {t["label"]: t["probability"] for t in a["top"]}
-        pb = {t["label"]: t["probability"] for t in b["top"]}
+        pa, pb = _probabilities(a), _probabilities(b)
         assert a["label"] == b["label"] and np.allclose([pa[k] for k in pb], list(pb.values()), atol=1e-3), (a, b)
+
+
+def test_serve_an_ensemble_head_answers_like_predict(ens_cache, aligned, ens_bundle, tux_cache, tmp_path, capsys):
+    """A real server loads both member backbones; /v1/classify (upload or cached sha256) answers as predict does,
+    for images in the cache and a photo that is not; a single-backbone head keeps serving beside it."""
+    cache, _ = ens_cache
+    parts, _, fps = aligned
+    table = FeatureCache(cache).images()
+    paths = dict(zip(table.sha256, table.path))
+    shas = [str(s) for s in parts[0].sha256[:3]]
+    photo = tmp_path / "photo.jpg"  # a real photo no cache holds
+    photo.write_bytes(jpeg_bytes(real_photo(0)))
+    files = [str(paths[s]) for s in shas] + [str(photo)]
+    capsys.readouterr()
+    assert main(["predict", "--head", str(ens_bundle), *files, "--json", "--top", "7"]) == 0
+    want = json.loads(capsys.readouterr().out)["results"]
+    assert [r["source"] for r in want] == ["cache"] * 3 + ["embedded"]
+    single = tmp_path / "single"
+    assert main(["train", "--cache", str(cache), "--fingerprint", fps[1], "--param", "logreg.Cs=[0.3]",
+                 "--out", str(single), "--json"]) == 0
+    capsys.readouterr()
+
+    cfg = ServiceConfig(cache=str(cache), heads={"ens": str(ens_bundle), "mnv2": str(single)}, device="cpu")
+    plan = preflight(cfg)  # no --fingerprint: the one both heads read (MobileNetV2), Lite0 as an ensemble member
+    assert plan.fingerprint == fps[1] and plan.members == {fps[0]: ("final",)}
+    with LiveServer(create_app(cfg, plan)) as srv, httpx.Client(base_url=srv.url, timeout=120) as client:
+        info = client.get("/v1/info").json()
+        assert {h["name"]: h["fingerprint"] for h in info["heads"]} == {"ens": "+".join(fps), "mnv2": fps[1]}
+        for path, expected in zip(files, want):
+            with open(path, "rb") as f:
+                r = client.post("/v1/classify", files={"image": ("x.jpg", f, "image/jpeg")},
+                                data={"head": "ens", "top_k": "7"})
+            assert r.status_code == 200, r.text
+            got = r.json()
+            assert got["fingerprint"] == "+".join(fps) and got["label"] == expected["label"]
+            pg, pe = {t["label"]: t["probability"] for t in got["top"]}, _probabilities(expected)
+            assert np.allclose([pg[k] for k in pe], list(pe.values()), atol=1e-3), (got, expected)
+        for sha, expected in zip(shas, want):  # cached vectors of both members: exactly predict's numbers
+            got = client.post("/v1/classify", data={"sha256": sha, "head": "ens", "top_k": "7"}).json()
+            pg, pe = {t["label"]: t["probability"] for t in got["top"]}, _probabilities(expected)
+            assert np.allclose([pg[k] for k in pe], list(pe.values()), atol=1e-6), (got, expected)
+        with open(files[0], "rb") as f:
+            r = client.post("/v1/classify", files={"image": ("x.png", f, "image/png")}, data={"head": "mnv2"})
+        assert r.status_code == 200 and r.json()["fingerprint"] == fps[1]
+        r = client.get("/v1/heads/ens/review")
+        assert r.status_code == 400 and "ensemble" in r.json()["message"]
+
+    with pytest.raises(FingerprintMismatch, match="mobilenet_v2"):  # a cache without the MobileNetV2 vectors
+        preflight(ServiceConfig(cache=str(tux_cache), heads={"ens": str(ens_bundle)}, device="cpu"))
 
 
 def test_train_refuses_bad_ensemble_requests(ens_cache, aligned, capsys):
