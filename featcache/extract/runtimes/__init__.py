@@ -1,0 +1,101 @@
+"""How the forward pass runs: one small interface, a torch and an OpenVINO implementation.
+
+A runner is prepared once (traced and frozen; or converted, quantised and compiled, with the
+result kept on disk under the model cache) and then maps uint8 image batches to pooled taps.
+``Embedder`` picks the runner, so extract, predict, the service and finetune's prefix share
+it and their vectors agree by construction. Nothing here imports torch or OpenVINO at module
+level: ``featcache backbones`` reads the recorded choices without either.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+from ...errors import UsageError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+RUNTIMES = ("torch", "openvino")
+OPENVINO_HINT = "pip install 'featcache[openvino]' (the openvino and nncf packages)"
+
+
+class Runner(Protocol):
+    """A prepared forward pass: uint8 (N, 3, H, W) images in, {tap: float32 (N, dim)} out."""
+
+    runtime: str
+    precision: str
+
+    def run(self, batch) -> dict[str, np.ndarray]: ...
+
+
+def available(runtime: str) -> bool:
+    """Whether ``runtime`` can run here (OpenVINO is an optional extra); imports nothing."""
+    if runtime == "torch":
+        return True
+    if runtime == "openvino":
+        return importlib.util.find_spec("openvino") is not None
+    return False
+
+
+def quantiser_available() -> bool:
+    return available("openvino") and importlib.util.find_spec("nncf") is not None
+
+
+def check_runtime(runtime: str, precision: str, device_type: str) -> None:
+    """A clear UsageError for a runtime/precision pair that cannot run here."""
+    if runtime not in RUNTIMES:
+        raise UsageError(f"--runtime must be auto or one of {RUNTIMES}, got {runtime!r}")
+    if runtime == "openvino":
+        if device_type != "cpu":
+            raise UsageError("--runtime openvino runs on the CPU; use --device cpu (or --runtime torch on a GPU)")
+        if not available("openvino"):
+            raise UsageError(f"--runtime openvino asked for, but OpenVINO is not installed: {OPENVINO_HINT}")
+        if precision == "fp16":
+            raise UsageError("--precision fp16 needs a CUDA device; on CPU use fp32, bf16 or int8")
+        if precision == "int8" and not quantiser_available():
+            raise UsageError(f"--precision int8 needs NNCF to quantise: {OPENVINO_HINT}")
+    elif precision == "int8":
+        raise UsageError(f"--precision int8 runs on OpenVINO (--runtime openvino or auto): {OPENVINO_HINT}")
+
+
+def model_cache() -> Path:
+    """Where prepared models and the recorded runtime choices live (``FEATCACHE_MODEL_CACHE``)."""
+    env = os.environ.get("FEATCACHE_MODEL_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "featcache" / "models"
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), which the runtime choice is recorded under."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine() or "unknown-cpu"
+
+
+def cpu_flags() -> list[str]:
+    """The instruction-set flags that decide which precisions have fast kernels."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                wanted = re.compile(r"^(avx\w*|amx\w*|fma|f16c|sse4_2|vnni|avx512\w*)$")
+                return sorted(f for f in line.split(":", 1)[1].split() if wanted.match(f))
+    except OSError:
+        pass
+    return []
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
