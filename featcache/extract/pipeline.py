@@ -28,6 +28,7 @@ from .backbone import Backbone
 from .decode import DEFAULT_MAX_PIXELS, load_image
 from .embedder import Embedder
 from .registry import DEFAULT_BACKBONE, resolve
+from .runtimes.calibration import Calibration
 from .sources import Item, list_source
 
 
@@ -39,6 +40,7 @@ class ExtractConfig:
     weights: str | None = None
     taps: list[str] = field(default_factory=lambda: ["final"])
     precision: str = "auto"
+    runtime: str = "auto"  # auto | torch | openvino (extract/runtimes)
     device: str = "auto"
     batch_size: int | None = None
     workers: int | None = None
@@ -139,7 +141,8 @@ class Extraction:
         self.cfg = cfg
         if embedder is None:
             backbone = Backbone.load(resolve(cfg.backbone, cfg.weights))
-            embedder = Embedder(backbone, cfg.taps, cfg.device, cfg.precision)
+            embedder = Embedder(backbone, cfg.taps, cfg.device, cfg.precision, runtime=cfg.runtime,
+                                calibration=lambda: Calibration.from_source(cfg.source))
         self.emb = embedder
         self.gpu = self.emb.device.type == "cuda"
         self.workers = cfg.workers or available_cpus()
@@ -196,7 +199,8 @@ class Extraction:
         # Taps already in the group are always computed too, so all taps advance together.
         all_taps = sorted(group.taps)
         if set(all_taps) != set(self.emb.taps):
-            self.emb = Embedder(self.emb.backbone, all_taps, str(self.emb.device), self.emb.precision, self.emb.threads)
+            self.emb = Embedder(self.emb.backbone, all_taps, str(self.emb.device), self.emb.precision, self.emb.threads,
+                                runtime=self.emb.runtime, calibration=self.emb.calibration)
 
         done_rows = group.image_rows()
         status = group.status()

@@ -92,6 +92,12 @@ def weights_file(spec: BackboneSpec) -> Path | None:
     return None
 
 
+def weights_sha256(spec: BackboneSpec) -> str | None:
+    """The weights digest that goes into the fingerprint, without torch (None: download/random sources)."""
+    path = weights_file(spec)
+    return None if path is None or not path.is_file() else sha256_file(path)
+
+
 def weights_present(spec: BackboneSpec) -> bool:
     try:
         return spec.weights.kind == "random" or weights_file(spec) is not None or spec.weights.kind in ("timm", "torchvision")

@@ -71,7 +71,8 @@ class ServiceState:
             taps.add(self.index.manifest["tap"])
         workers, batching = execution(config)
         self.embedder = embedder_for(attrs["backbone"], attrs["fingerprint"], sorted(taps), config.device,
-                                     threads=max(1, available_cpus() // workers))
+                                     threads=max(1, available_cpus() // workers), runtime=config.runtime,
+                                     precision=config.precision, cache=config.cache, streams=workers)
         self.fingerprint = self.embedder.fingerprint
         self.backbone = attrs["backbone"]
         self.heads = HeadRegistry(self.fingerprint, self.embedder.taps)

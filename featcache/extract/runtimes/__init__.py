@@ -99,3 +99,30 @@ def cpu_flags() -> list[str]:
 
 def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
+
+
+def same_backbone(canon: dict, other: dict) -> bool:
+    """Whether two fingerprint descriptions are the same network and preprocessing (any runtime/precision)."""
+    keys = ("arch", "weights_sha256", "preprocess", "decoder", "pooling")
+    return all(canon.get(k) == other.get(k) for k in keys)
+
+
+def resolve(runtime: str = "auto", precision: str = "auto", existing: dict | None = None) -> tuple[str, str]:
+    """(runtime, precision) a run over a cache asks for, decided without loading a model (torch-free).
+
+    ``existing``: the fingerprint description of this backbone's feature group already in
+    the cache (``same_backbone``), if any. A cache keeps the precision it was built with, and
+    the runtime where that one made the numbers, so ``auto`` on another machine does not fork
+    it; an explicit ``precision`` other than the stored one starts a new fingerprint beside it.
+    Rebuild the kept one with ``embedder_for(description, existing, ..., runtime=..., cache=...)``;
+    anything else with ``Embedder(..., runtime=..., precision=...)`` (``auto`` resolved there).
+    """
+    if existing is None or precision not in ("auto", existing["precision"]):
+        return runtime, precision
+    stored = existing.get("runtime")
+    if stored and runtime not in ("auto", stored):
+        raise UsageError(f"this cache's {existing['precision']} vectors were made by {stored}; --runtime {runtime} "
+                         f"would not match them (leave it auto, or use another --precision for a new fingerprint)")
+    if stored:
+        return stored, existing["precision"]
+    return (runtime if existing["precision"] == "fp32" else "torch"), existing["precision"]
