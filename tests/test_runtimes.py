@@ -83,7 +83,7 @@ def test_fingerprints_keep_old_caches_and_split_what_differs(lite0, tux_calibrat
     q = int8.canon["quantization"]
     assert q["calibration"]["images"] == len(tux_calibration) == 240
     assert q["calibration"]["sha256"] == tux_calibration.digest
-    assert q["fp32_convolutions"] == lite0.early_convolutions() == 6
+    assert q["fp32_convolutions"] == lite0.early_convolutions() == 9
     other = Calibration(tux_calibration.files[:100], "fewer")
     assert Embedder(lite0, ["final"], "cpu", "int8", runtime="openvino", calibration=other).fingerprint != int8.fingerprint
 

@@ -295,13 +295,13 @@ class Backbone:
         return TapModel(self.blocks, self.stage_taps, self.pre_logits, taps).eval()
 
     def early_convolutions(self) -> int:
-        """How many convolutions run up to the first block at 1/4 of the input size (int8 keeps these in fp32).
+        """How many convolutions the blocks at 1/2 and 1/4 of the input size hold (int8 keeps these in fp32).
 
         In mobile networks they lose the most to 8-bit weights and cost little (benchmarks/int8_scan.py).
         """
-        quarter = self.spec.preprocess.crop // 4
-        last = next((i for i, s in enumerate(self.block_shapes) if s[-1] <= quarter), len(self.blocks) - 1)
-        return sum(isinstance(m, nn.Conv2d) for b in self.blocks[: last + 1] for m in b.modules())
+        crop = self.spec.preprocess.crop
+        early = [b for b, s in zip(self.blocks, self.block_shapes) if s[-1] * 4 >= crop]
+        return sum(isinstance(m, nn.Conv2d) for b in early for m in b.modules())
 
     def tap_dims(self, taps: list[str] | None = None) -> dict[str, int]:
         return {k: math.prod(self.tap_shape(k)) for k in (taps or self.shapes)}

@@ -97,6 +97,11 @@ def cpu_flags() -> list[str]:
     return []
 
 
+def native_bf16() -> bool:
+    """Whether this CPU has bf16 arithmetic (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slow."""
+    return any(f in cpu_flags() for f in ("avx512_bf16", "amx_bf16"))
+
+
 def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ...errors import FeatcacheError, UsageError
 from ...runtime import available_cpus
-from . import available, check_runtime, cpu_flags, cpu_model, model_cache, slug
+from . import available, check_runtime, cpu_flags, cpu_model, model_cache, native_bf16, slug
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +154,8 @@ def measure(backbone, candidates=CANDIDATES, batch: int = GATE_BATCH, seconds: f
         row = {"runtime": runtime, "precision": precision}
         try:
             check_runtime(runtime, precision, "cpu")
+            if precision == "bf16" and not native_bf16():
+                raise UsageError("no bf16 instructions on this CPU (avx512_bf16, amx_bf16): emulated, never the fastest")
             calib = None
             if precision == "int8":
                 calib = calibration or gate_calibration()

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 # int8 (NNCF post-training quantisation), set up to stay within cosine 0.995 of fp32 on mobile networks
 # (benchmarks/int8_scan.py has the measurements behind each choice):
-# - the convolutions up to the first block at 1/4 of the input size stay fp32: they lose the most, cost little;
+# - the convolutions of the blocks at 1/2 and 1/4 of the input size stay fp32: they lose the most, cost little;
 # - activation ranges from histograms (outliers in the residual stream would waste most levels);
 # - no int16 saturation on CPUs without VNNI (there u8 x s8 pairs are summed in 16 bits, and signed inputs
 #   are shifted to u8 inside the kernel): every quantised activation is unsigned with a 7-bit step (values
