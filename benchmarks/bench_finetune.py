@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from record import RESULTS, save
 
 from featcache.classify.finetune import FinetuneConfig, Finetuner
 from featcache.datasets import write_fashion_mnist
@@ -94,12 +95,10 @@ def main() -> None:
         head, _ = train(TrainConfig(cache=str(cache), out=str(work / "head"), test_source=test_source))
         result.update({"finetune": {k: tuned[k] for k in ("best_val_accuracy", "test_accuracy", "train_seconds", "wall_seconds", "history")},
                        "frozen_head": head})
-    out = Path(__file__).parent / "results"
-    out.mkdir(exist_ok=True)
     variant = ("_bnfrozen" if a.bn == "frozen" else "") + (f"_mixup{a.mixup:g}" if a.mixup else "") + (
         f"_ls{a.label_smoothing:g}" if a.label_smoothing else "")
     name = f"finetune_{a.unfreeze_from}{variant}{'_speed' if a.speed_only else ''}.json"
-    (out / name).write_text(json.dumps(result, indent=2, default=str))
+    save(result, RESULTS / name, default=str)
     print(json.dumps({k: v for k, v in result.items() if k != "frozen_head"}, indent=2, default=str))
 
 

@@ -13,22 +13,18 @@ Writes benchmarks/results/heads.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
-from pathlib import Path
 
 import numpy as np
+from record import RESULTS, save
 
 from featcache.classify.bundle import library_versions
 from featcache.classify.data import holdout_split, load_labelled, source_split
-from featcache.classify.heads import LogRegHead
-from featcache.classify.mlp import MLPHead
+from featcache.classify.heads import LogRegHead, MLPHead
 from featcache.runtime import available_cpus
 from featcache.store.cache import FeatureCache
-
-RESULTS = Path(__file__).parent / "results"
 
 
 def _timed(fn):
@@ -87,9 +83,7 @@ def main() -> None:
                        "load_average_at_end": os.getloadavg(), "processor": platform.processor() or platform.machine()},
            "versions": library_versions(), "results": rows,
            "note": "fit_seconds = wall time of fit() only; warm-up fits and imports before timing"}
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(doc, indent=2, default=float))
-    print(f"wrote {a.out}")
+    print(f"wrote {save(doc, a.out)}")
 
 
 if __name__ == "__main__":

@@ -8,8 +8,8 @@ featcache's own decode + Embedder path (fp32, TF32 off; stored as float16 for tr
     python benchmarks/bench_search.py --vectors /work/data/fmnist-gpu-vectors \
         --cache /work/data/fmnist-cache --index bench-data/fmnist100k-index
 
-Writes benchmarks/results/search.json and the "Search and service (issue 4)" section of
-BENCHMARKS.md. The service part starts ``featcache serve`` on 127.0.0.1 (a free port),
+Writes benchmarks/results/search.json (``python benchmarks/render.py`` then rewrites
+BENCHMARKS.md). The service part starts ``featcache serve`` on 127.0.0.1 (a free port),
 sends bounded sequential search-by-key requests, and stops it.
 """
 
@@ -22,7 +22,6 @@ import io
 import json
 import os
 import platform
-import re
 import shlex
 import sys
 import time
@@ -34,7 +33,9 @@ import httpx
 import numpy as np
 from assemble_fmnist_cache import parts
 from PIL import Image
+from record import RESULTS, save
 from served import http_post, metric, send, serving
+from targets import SEARCH_P50_MS, SEARCH_RECALL_AT_10, SERVICE_SEARCH_P50_MS
 
 from featcache.datasets import FASHION_CLASSES, fashion_mnist
 from featcache.runtime import available_cpus
@@ -42,7 +43,6 @@ from featcache.store.cache import FeatureCache
 from featcache.store.index import IndexParams, VectorIndex, normalise
 
 ROOT = Path(__file__).resolve().parent.parent
-SECTION = "## Search and service (issue 4)"
 
 
 def _png_sha(img: np.ndarray) -> str:
@@ -86,7 +86,7 @@ def bench_index(x: np.ndarray, keys, shas, fp: str, attrs: dict, out: Path, rebu
         faiss.omp_set_num_threads(available_cpus())
         vi = VectorIndex.build(x, np.arange(len(x)), keys, shas, fingerprint=fp, canon=attrs["fingerprint"],
                                backbone=attrs["backbone"], tap="final",
-                               params=IndexParams(kind="auto", target_recall=0.99, eval_queries=1000),
+                               params=IndexParams(kind="auto", target_recall=SEARCH_RECALL_AT_10, eval_queries=1000),
                                source={"vectors": "Fashion-MNIST 70k + 30k mirrored train images (GPU-embedded)"})
         vi.save(out)
     vi = VectorIndex.load(out)
@@ -147,111 +147,6 @@ def bench_service(cache: str, index: Path, keys: list[str], n: int, time_limit: 
                 "transport": "HTTP/1.1 keep-alive, lean asyncio client (benchmarks/served.py), loopback 127.0.0.1, form-encoded key + k=10"}
 
 
-def micro_batching_markdown() -> str:
-    """The micro-batching part of the section, from the load and model-only benchmarks' results."""
-    results = ROOT / "benchmarks" / "results"
-    if not (results / "service_load.json").is_file():
-        return ""
-    ld = json.loads((results / "service_load.json").read_text())
-    body = f"""
-**Micro-batching** (`{ld['command']}`; raw: `benchmarks/results/service_load.json`): {ld['clients']} concurrent
-clients send real images ({ld['images']}) to `POST /v1/classify` on 127.0.0.1, bounded in requests and time.
-Each setting is a fresh `featcache serve`; the rounds alternate the settings; the table shows the median round.
-
-| forward passes at once x torch threads each | batching | throughput (each round) | latency p50 / p90 | images per pass | server CPU per request |
-|---|---|---|---|---|---|
-"""
-    for c in ld["configs"]:
-        threads = max(1, ld["cpus"] // c["workers"])
-        rounds = ", ".join(str(x) for x in c["rounds_rps"])
-        body += (f"| {c['workers']} x {threads} | {'on' if c['batching'] else 'off'} | **{c['throughput_rps']} req/s** "
-                 f"({rounds}) | {c['latency_ms']['p50']} / {c['latency_ms']['p90']} ms | {c['mean_batch']} | "
-                 f"{c['server_cpu_ms_per_request']} ms |\n")
-    ratios = ", ".join(f"{v}x with {w} pass(es) at once" for w, v in ld["ratio_on_off_by_workers"].items())
-    best = ld["best"]
-    body += f"""
-Throughput ratio batching on / off, same server otherwise: {ratios} (target >= 2x: **NOT met**). Fastest
-setting: {best['workers']} pass(es) at once, batching {'on' if best['batching'] else 'off'} ({best['throughput_rps']} req/s),
-which is the service's CPU default (`--model-workers` one per core, `--batching auto` = off on CPU, on with a GPU).
-"""
-    if (results / "model_passes.json").is_file():
-        mp = json.loads((results / "model_passes.json").read_text())
-        body += f"""
-Why: on this CPU a batch costs more per image than single images do. Model only (`{mp['command']}`,
-raw: `benchmarks/results/model_passes.json`; frozen Lite0 graph, uint8 224x224, img/s per round):
-
-| batch | 1 pass at a time on {mp['cpus']} threads | {mp['cpus']} single-threaded passes side by side |
-|---|---|---|
-"""
-        rows: dict[int, dict[int, list]] = {}
-        for st in mp["settings"]:
-            rows.setdefault(st["batch"], {})[st["passes"]] = st["img_per_s"]
-        for batch, by_passes in rows.items():
-            one, many = by_passes.get(1, []), by_passes.get(mp["cpus"], [])
-            body += f"| {batch} | {', '.join(map(str, one))} | {', '.join(map(str, many))} |\n"
-        body += """
-A single image barely uses a second intra-op thread, so one pass at a time on all threads wastes the cores
-and batching wins back what intra-op threads cannot (that setting's ratio above). One single-threaded pass
-per core keeps every core busy without batching, and batching then only adds per-image cost (activations of
-8 images spill the caches a single image fits in) and waiting. Micro-batching pays where one pass can fill the
-device, on a GPU, where it is on by default. Batches are padded to fixed sizes because the frozen TorchScript
-graph re-specialises (seconds) for every new batch size. Heads run off the event loop (a kNN head searches
-its references per request).
-"""
-    tuning_file = results / "service_load_tuning.json"
-    if tuning_file.is_file():
-        body += ("\nEarlier runs of the same load script while tuning the one-pass-at-a-time server (2 torch threads, "
-                 "same machine, 2026-11-25):\n\n| settings | on | off | mean batch | ratio |\n|---|---|---|---|---|\n")
-        for t in json.loads(tuning_file.read_text()):
-            body += f"| {t['config']} | {t['on_rps']} req/s | {t['off_rps']} req/s | {t['mean_batch']} | {t['ratio']}x |\n"
-    return body
-
-
-def write_markdown(r: dict) -> None:
-    path = ROOT / "BENCHMARKS.md"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    i, s = r["index"], r["service"]
-    body = f"""{SECTION}
-
-Machine: {r['machine']}. Command: `{r['command']}`. Raw figures: `benchmarks/results/search.json`.
-
-**Vectors (100,000 real, 1280-d, EfficientNet-Lite0 `final`, fingerprint `{r['fingerprint']}`):** the 70,000
-Fashion-MNIST images (60k train + 10k test) and 30,000 horizontal mirrors of train images 0..29,999,
-embedded by `benchmarks/gpu_mirror_vectors.py` through featcache's own `load_image` + `Embedder` (fp32, TF32
-off) on a borrowed H100, stored as float16 for transfer (cosine to fp32 >= 0.9999996). The background CPU
-extraction of `/work/data/fmnist-cache` ran at ~6 img/s on this shared 2-core box and held only
-{r['cache_rows']:,} rows at benchmark time; where its rows overlap, GPU and CPU vectors agree to cosine
->= {r['gpu_vs_cpu_min_cosine']} ({r['gpu_vs_cpu_compared']:,} images compared).
-
-| what | figure |
-|---|---|
-| index (`auto` at 100k) | {i['kind']} {i['params']} |
-| build time / memory | {i['build_seconds']} s / {i['memory_bytes'] / 1e6:.0f} MB |
-| recall@10 vs exact (manifest, 1000 held-out real vectors) | {i['recall_at_10_manifest']} |
-| recall@10 vs exact (this bench, {i['bench_queries']} queries) | {i['recall_at_10_bench']} |
-| approximate single query, 1 thread: p50 / p90 / p99 | {i['approx_single_query_ms']['p50']} / {i['approx_single_query_ms']['p90']} / {i['approx_single_query_ms']['p99']} ms |
-| exact single query, 1 thread, 70k: p50 | {i['exact_single_query_ms_70k']['p50']} ms |
-| exact single query, 1 thread, 100k: p50 | {i['exact_single_query_ms_100k']['p50']} ms |
-| service search-by-key, client-side p50 / p90 / p99 ({s['requests']} sequential requests, lean asyncio client) | {s['client_ms']['p50']} / {s['client_ms']['p90']} / {s['client_ms']['p99']} ms |
-| of which inside the server (ASGI in to out, mean) / the search stage (p50) | {s.get('server_request_ms_mean') or 'n/a'} ms / {s['server_search_stage_ms_p50']} ms |
-
-Targets: approximate p50 <= 0.5 ms at recall@10 >= 0.99: **{'met' if r['targets']['approx'] else 'NOT met'}**;
-search-by-key through the service p50 <= 5 ms: **{'met' if r['targets']['service'] else 'NOT met'}**.
-1-minute load average at the end of the run: {r.get('loadavg_at_end', '?')}. {r.get('note', '')}
-efSearch is the smallest value on the ladder 16, 24, 32, 48, ...
-whose recall@10 on 1000 tuning queries reaches 0.99; recall is then reported on 1000 other held-out vectors.
-"""
-    body += micro_batching_markdown()
-    if SECTION in text:
-        start = text.index(SECTION)
-        nxt = re.search(r"^## ", text[start + len(SECTION):], re.M)
-        end = start + len(SECTION) + nxt.start() if nxt else len(text)
-        text = text[:start] + body + ("\n" + text[end:] if nxt else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + body
-    path.write_text(text)
-
-
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--vectors", default="/work/data/fmnist-gpu-vectors")
@@ -284,15 +179,13 @@ def main() -> None:
         "cache_rows": len(feats), "gpu_vs_cpu_compared": len(common),
         "gpu_vs_cpu_min_cosine": round(float(cos.min()), 7) if len(cos) else None,
         "index": index_res, "service": service_res,
-        "targets": {"approx": index_res["approx_single_query_ms"]["p50"] <= 0.5 and index_res["recall_at_10_bench"] >= 0.99,
-                    "service": service_res["client_ms"]["p50"] <= 5.0},
+        "targets": {"approx": index_res["approx_single_query_ms"]["p50"] <= SEARCH_P50_MS
+                    and index_res["recall_at_10_bench"] >= SEARCH_RECALL_AT_10,
+                    "service": service_res["client_ms"]["p50"] <= SERVICE_SEARCH_P50_MS},
         "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "note": a.note, "loadavg_at_end": round(os.getloadavg()[0], 2),
     }
-    out = ROOT / "benchmarks" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "search.json").write_text(json.dumps(r, indent=2))
-    write_markdown(r)
+    save(r, RESULTS / "search.json")
     print(json.dumps(r, indent=2))
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from record import RESULTS, save
 
 from featcache.datasets import imagenet20
 from featcache.extract.backbone import Backbone
@@ -31,7 +32,7 @@ from featcache.store.cache import FeatureCache
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--images", type=int, default=4000)
     a = p.parse_args()
     assert torch.cuda.is_available(), "needs a CUDA GPU"
@@ -58,8 +59,7 @@ def main() -> None:
         report["runs"][tag] = {k: r[k] for k in ("device", "precision", "fingerprint", "top1_of_20")} | {
             "min_cosine_to_cpu_fp32": float(cos.min())}
     out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu-parity.json").write_text(json.dumps(report, indent=2))
+    save(report, out / "gpu-parity.json")
     print(json.dumps(report, indent=2), flush=True)
     shutil.rmtree(work, ignore_errors=True)
     subprocess.run([sys.executable, str(Path(__file__).parent / "bench_extract.py"), "--images", str(a.images),

@@ -10,8 +10,8 @@ alternating, and the median counts. Each run sends at most ``--requests`` classi
 (real images) over ``--clients`` concurrent keep-alive connections (a lean asyncio client),
 stopping early at ``--time-limit`` seconds, and records the CPU time per request of the server
 and of the load generator. HEAD_DIR: a ``featcache train`` bundle (the default logreg head).
-Writes benchmarks/results/service_load.json and refreshes the "Search and service (issue 4)"
-section of BENCHMARKS.md.
+Writes benchmarks/results/service_load.json (``python benchmarks/render.py`` then rewrites
+BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -26,11 +26,10 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from record import RESULTS, save
 from served import cpu_seconds, http_post, metric, send, serving
 
 from featcache.runtime import available_cpus
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def classify_request(port: int, image: bytes, head: str) -> bytes:
@@ -108,14 +107,7 @@ def main() -> None:
          "configs": configs, "ratio_on_off_by_workers": ratios,
          "best": max(configs, key=lambda c: c["throughput_rps"]),
          "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    out = ROOT / "benchmarks" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "service_load.json").write_text(json.dumps(r, indent=2))
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from bench_search import write_markdown
-
-    if (out / "search.json").is_file():
-        write_markdown(json.loads((out / "search.json").read_text()))
+    save(r, RESULTS / "service_load.json")
     print(json.dumps(r, indent=2))
 
 

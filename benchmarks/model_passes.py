@@ -19,13 +19,12 @@ import time
 from pathlib import Path
 
 import torch
+from record import RESULTS, save
 
 from featcache.extract.backbone import Backbone
 from featcache.extract.embedder import Embedder
 from featcache.extract.registry import DEFAULT_BACKBONE, resolve
 from featcache.runtime import available_cpus
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def throughput(backbone: Backbone, passes: int, threads: int, batch: int, seconds: float) -> dict:
@@ -70,8 +69,7 @@ def main() -> None:
                          "img_per_s": [r["img_per_s"] for r in rows[s]],
                          "cores_busy": [r["cores_busy"] for r in rows[s]]} for s in settings],
            "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    path = ROOT / "benchmarks" / "results" / "model_passes.json"
-    path.write_text(json.dumps(out, indent=2))
+    save(out, RESULTS / "model_passes.json")
     print(json.dumps(out, indent=2))
 
 

@@ -14,18 +14,17 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import torch
+from record import RESULTS, save
+from targets import EXTRACT_SPEEDUP
 from torch.utils.flop_counter import FlopCounterMode
 
 from featcache.extract.backbone import Backbone
 from featcache.extract.registry import resolve
 from featcache.runtime import available_cpus
 
-RESULTS = Path(__file__).parent / "results"
-TARGETS = {"efficientnet_lite0": ("efficientnet_lite0", None, 3.5),
-           "resnet50": ("torchvision:resnet50", "random", 8.0)}
+BACKBONES = {"efficientnet_lite0": ("efficientnet_lite0", None), "resnet50": ("torchvision:resnet50", "random")}
 
 
 def gemm_gflops(n: int = 2048, reps: int = 20) -> float:
@@ -50,7 +49,8 @@ def main() -> None:
     extract = {r["backbone"]: r for r in json.loads((RESULTS / "extract-cpu.json").read_text())["results"]}
     peak = max(gemm_gflops() for _ in range(3))
     out = {"cores": available_cpus(), "fp32_gemm_gflops": round(peak, 1), "backbones": {}}
-    for key, (name, weights, target) in TARGETS.items():
+    for key, (name, weights) in BACKBONES.items():
+        target = EXTRACT_SPEEDUP[key]
         flop = forward_gflop(name, weights)
         r = extract[key]
         need = r["tutorial"] * target
@@ -60,8 +60,7 @@ def main() -> None:
             "target_vs_gemm": round(need * flop / peak, 2),
             "model_only_img_s": r["M_model_only"], "model_only_gflops": round(r["M_model_only"] * flop, 1),
             "model_only_vs_gemm": round(r["M_model_only"] * flop / peak, 2)}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "roofline.json").write_text(json.dumps(out, indent=2))
+    save(out, RESULTS / "roofline.json")
     print(json.dumps(out, indent=2))
 
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 
-from .errors import FeatcacheError
+from .errors import FeatcacheError, NotFoundError
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], dict]] = {}
 
@@ -93,7 +94,9 @@ def cmd_extract(args: argparse.Namespace) -> dict:
         source=args.source, cache=args.cache, backbone=args.backbone, weights=args.weights,
         taps=args.taps, precision=args.precision, runtime=args.runtime, device=args.device, batch_size=args.batch_size,
         workers=args.workers, labels=args.labels, max_pixels=args.max_pixels, progress=not args.quiet,
-        commit_every=args.commit_every,
+        commit_every=args.commit_every, max_file_bytes=args.max_file_mb * 1024 * 1024, engine=args.engine,
+        ray_address=args.ray_address, actors=args.actors, gpus_per_actor=args.gpus_per_actor,
+        cpus_per_actor=args.cpus_per_actor,
     )
     result = extract(cfg)
 
@@ -101,17 +104,25 @@ def cmd_extract(args: argparse.Namespace) -> dict:
         t = r["timings"]
         lines = [
             f"cache        {r['cache']}",
-            f"backbone     {r['backbone']}  fingerprint {r['fingerprint']}  ({r['device']}, {r['precision']})",
+            *(f"backbone     {b['backbone']}  fingerprint {b['fingerprint']}  ({b['device']}, {b['precision']})"
+              for b in r["backbones"]),
             f"taps         {', '.join(r['taps'])}",
             f"files        {r['files']}  unique images {r['unique_images']}  duplicates {r['duplicate_files']}",
             f"cached       {r['already_cached']} already, {r['extracted']} extracted now, {r['failed']} failed",
             f"speed        {r['images_per_second']} img/s  (decode {t.get('decode', 0)}s, model {t.get('model', 0)}s, "
             f"write {t.get('write', 0)}s, hash {t.get('hash', 0)}s; total {r['seconds']}s)",
         ]
+        if r["failure_reasons"]:
+            lines.append("failures     " + ", ".join(f"{k} {v}" for k, v in sorted(r["failure_reasons"].items())))
         for f in r["failures"][:20]:
             lines.append(f"  FAILED {f['key']}: {f['error']}")
         if r["failed"] > 20:
             lines.append(f"  ... and {r['failed'] - 20} more (see --json)")
+        if r["label_conflicts"]:
+            lines.append(f"conflicts    {r['label_conflicts']} images found under different labels "
+                         "(`featcache train` leaves them out unless --label-conflicts keep):")
+            for c in r["conflicts"][:10]:
+                lines.append(f"  {', '.join(c['keys'])}: {' / '.join(c['labels'])}")
         return "\n".join(lines)
 
     _print(result, args.json, human)
@@ -127,6 +138,10 @@ def cmd_info(args: argparse.Namespace) -> dict:
 
     def human(r):
         lines = [f"cache {r['cache']}: {r['images']} images"]
+        if r["label_conflicts"]:
+            lines.append(f"  {r['label_conflicts']} images were found under several labels (train leaves them out)")
+        if r["orphaned"]:
+            lines.append(f"  {r['orphaned']} images no file holds any more (their names now hold other bytes)")
         for f in r["fingerprints"]:
             taps = ", ".join(f"{k}({v})" for k, v in f["taps"].items())
             lines.append(f"  {f['fingerprint']}  {f['backbone']}  {f['precision']}  rows {f['rows']} "
@@ -141,7 +156,7 @@ def cmd_info(args: argparse.Namespace) -> dict:
 def cmd_export(args: argparse.Namespace) -> dict:
     from .store.export import export
 
-    result = export(args.cache, args.out, args.format, args.fingerprint, args.taps)
+    result = export(args.cache, args.out, args.format, args.fingerprint, args.taps, args.include_failed)
     _print(result, args.json, lambda r: f"wrote {r['rows']} rows of {', '.join(r['taps'])} to {r['out']}")
     return result
 
@@ -211,6 +226,8 @@ def cmd_dedupe(args: argparse.Namespace) -> dict:
 
 @command("serve")
 def cmd_serve(args: argparse.Namespace) -> dict:
+    from pathlib import Path
+
     from .errors import UsageError
     from .service.app import serve
     from .service.config import ServiceConfig
@@ -223,7 +240,7 @@ def cmd_serve(args: argparse.Namespace) -> dict:
         heads[name] = path
     api_key = None
     if args.api_key_file:
-        api_key = open(args.api_key_file).read().strip()
+        api_key = Path(args.api_key_file).read_text().strip()
         if not api_key:
             raise UsageError(f"API key file {args.api_key_file} is empty")
     cfg = ServiceConfig(cache=args.cache, heads=heads, index=args.index, fingerprint=args.fingerprint, api_key=api_key,
@@ -231,7 +248,7 @@ def cmd_serve(args: argparse.Namespace) -> dict:
                         batching={"auto": None, "on": True, "off": False}[args.batching],
                         max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, model_workers=args.model_workers,
                         max_upload_bytes=args.max_upload_mb * 1024 * 1024, max_pixels=args.max_pixels)
-    serve(cfg, args.host, args.port)
+    serve(cfg, args.host, args.port, log_level=args.log_level, access_log=args.access_log)
     return {}
 
 
@@ -260,7 +277,13 @@ def cmd_train(args: argparse.Namespace) -> dict:
 
     cfg = TrainConfig(cache=args.cache, out=args.out, fingerprint=args.fingerprint, taps=args.tap, heads=args.head,
                       cv=args.cv, test_split=args.test_split, test_source=args.test_source, seed=args.seed,
-                      params=_head_params(args.param))
+                      params=_head_params(args.param), label_conflicts=args.label_conflicts)
+    if args.report:
+        from pathlib import Path
+
+        from .store.outputs import writable_dir
+
+        writable_dir(Path(args.report).parent)  # before the training time is spent
     result, evals = train(cfg)
     if args.report:
         from .classify.report import write_report
@@ -273,6 +296,11 @@ def cmd_train(args: argparse.Namespace) -> dict:
         m, ev = r["metrics"], r["evaluation"]
         lines = [f"{r['labelled_rows']} labelled images, {r['classes']} classes, backbone {r['backbone']} "
                  f"({r['fingerprint']}); evaluation: {ev['mode']}"]
+        lc = r["label_conflicts"]
+        if lc["images"]:
+            lines.append(f"{lc['images']} images found under several labels were "
+                         f"{'left out' if lc['policy'] == 'drop' else 'kept under their stored label'} "
+                         "(--label-conflicts drop|keep)")
         lines.append(f"{'tap':8} {'head':11} {'accuracy':>9} {'macro-F1':>9} {'ECE':>6} {'train s':>8}")
         for x in r["results"]:
             mark = " *" if (x["tap"], x["head"]) == (r["best"]["tap"], r["best"]["head"]) else ""
@@ -359,6 +387,7 @@ def cmd_finetune(args: argparse.Namespace) -> dict:
         backbone_lr_mult=args.backbone_lr_mult,
         augment=args.augment, mixup=args.mixup, label_smoothing=args.label_smoothing, new_top=args.new_top, bn=args.bn,
         batch_size=args.batch_size, test_source=args.test_source, seed=args.seed, patience=args.patience, progress=not args.json,
+        max_pixels=args.max_pixels,
     )
     result = finetune(cfg)
 
@@ -398,7 +427,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("extract", "embed a folder or CSV of images into the cache (resumable)")
     sp.add_argument("source", help="folder (first-level subfolders are labels) or CSV of path[,label]")
     sp.add_argument("--cache", default="featcache-cache", help="cache directory (default: ./featcache-cache)")
-    sp.add_argument("--backbone", default="efficientnet_lite0", help="built-in name, timm:ARCH, torchvision:ARCH or a backbone dir")
+    sp.add_argument("--backbone", nargs="+", default=["efficientnet_lite0"],
+                    help="built-in name, timm:ARCH, torchvision:ARCH or a backbone dir; several: each image is "
+                         "decoded once and embedded by each (one fingerprint each)")
     sp.add_argument("--weights", help="weights file, 'download' (online) or 'random'")
     sp.add_argument("--taps", nargs="+", default=["final"], help="taps to store (final, stage1..N)")
     _runtime_args(sp, "auto: the fastest that passes the accuracy gate on this CPU (measured once); a cache keeps "
@@ -409,17 +440,28 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--labels", default="folder", choices=["folder", "none"], help="labels from first-level folders, or none")
     sp.add_argument("--max-pixels", type=int, default=64_000_000, help="refuse larger images (decompression bombs)")
     sp.add_argument("--commit-every", type=int, default=512, help="images per durable commit (resume granularity)")
+    sp.add_argument("--max-file-mb", type=int, default=256, help="refuse files larger than this (MiB)")
+    sp.add_argument("--engine", default="local", choices=["local", "ray"],
+                    help="local: this process; ray: a Ray cluster (pip install 'featcache[ray]')")
+    sp.add_argument("--ray-address", help="Ray cluster to join: auto or HOST:PORT (default: start one on this machine)")
+    sp.add_argument("--actors", type=int, help="embedding actors (ray; default: one per GPU, else 1)")
+    sp.add_argument("--gpus-per-actor", type=float, help="GPUs per embedding actor (ray; default 1 where GPUs exist)")
+    sp.add_argument("--cpus-per-actor", type=float, help="CPUs per embedding actor (ray)")
     sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     sp = add("info", "show images, fingerprints, taps and failures in a cache")
     sp.add_argument("--cache", default="featcache-cache")
 
-    sp = add("export", "export features to npy files or a parquet table")
+    from .store.formats import names as export_formats  # one module per format, listed without importing them
+
+    sp = add("export", "export features with key, label, sha256, path, status and error columns")
     sp.add_argument("--cache", default="featcache-cache")
-    sp.add_argument("--format", required=True, choices=["npy", "parquet"])
-    sp.add_argument("--out", required=True)
+    sp.add_argument("--format", required=True, choices=export_formats(), help="%(choices)s")
+    sp.add_argument("--out", required=True, help="output folder or file, as the format writes")
     sp.add_argument("--fingerprint", help="fingerprint (prefix); needed when the cache holds several")
     sp.add_argument("--taps", nargs="+", help="taps to export (default: all)")
+    sp.add_argument("--include-failed", action="store_true",
+                    help="also rows that failed to decode (status 1, NaN vectors) and images no file holds any more")
     # -- search and service (issue 4) --
     sp = add("index", "build (or update in place) a cosine faiss index over a cache")
     sp.add_argument("--cache", default="featcache-cache")
@@ -442,7 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--tap", default="final")
     sp.add_argument("--threshold", type=float, default=0.97, help="cosine at or above which two images are duplicates")
 
-    sp = add("serve", "HTTP service: embed, classify, search (binds 127.0.0.1 by default)")
+    sp = add("serve", "HTTP service and web page (/ui/): embed, classify, search, browse (binds 127.0.0.1 by default)")
     sp.add_argument("--cache", default="featcache-cache")
     sp.add_argument("--fingerprint")
     sp.add_argument("--head", action="append", metavar="NAME=HEAD_DIR", help="a head bundle to serve (repeatable)")
@@ -460,14 +502,19 @@ def build_parser() -> argparse.ArgumentParser:
                     help="forward passes run at once, each on CPUs/N torch threads (default: one per core on CPU, 1 on GPU)")
     sp.add_argument("--max-upload-mb", type=int, default=16)
     sp.add_argument("--max-pixels", type=int, default=40_000_000)
+    sp.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="warning",
+                    help="uvicorn's and featcache's log level (the start-up summary prints at any level)")
+    sp.add_argument("--access-log", action="store_true", help="log one line per request (method, path, status)")
 
     # -- heads (issue 3) --
     sp = add("train", "train classifier heads on cached features, evaluate, save the best as a bundle")
     sp.add_argument("--cache", default="featcache-cache")
     sp.add_argument("--fingerprint", help="fingerprint (prefix); needed when the cache holds several")
     sp.add_argument("--tap", nargs="+", default=["final"], help="tap(s) to train on (several: compared, best kept)")
-    sp.add_argument("--head", nargs="+", default=["logreg"], choices=["logreg", "linear-svm", "knn", "mlp"],
-                    help="head type(s) (several: compared, best kept; default logreg)")
+    from .classify.heads import HEAD_KINDS  # the head registry, read only when --head is parsed or shown
+
+    sp.add_argument("--head", nargs="+", default=["logreg"], choices=HEAD_KINDS, metavar="HEAD",
+                    help="head type(s): %(choices)s (several: compared, best kept; default logreg)")
     sp.add_argument("--out", help="head bundle directory to write")
     ev = sp.add_mutually_exclusive_group()
     ev.add_argument("--cv", type=int, metavar="K", help="stratified K-fold cross-validation (bundle refit on all rows)")
@@ -476,6 +523,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--report", metavar="PATH", help="write a self-contained HTML report (and PATH.json)")
     sp.add_argument("--param", nargs="+", metavar="HEAD.NAME=VALUE", help="head parameters, e.g. logreg.C=0.1 mlp.hidden=256")
     sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--label-conflicts", choices=["drop", "keep"], default="drop",
+                    help="images whose bytes were found under several labels: leave them out, or keep the label "
+                         "extract stored (the first name's)")
 
     sp = add("predict", "label images with a head bundle (embeds them with the head's backbone)")
     sp.add_argument("--head", required=True, help="head bundle directory")
@@ -516,20 +566,45 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--patience", type=int, default=3, help="early stopping: epochs without val improvement")
     sp.add_argument("--test-source", help="folder/CSV whose images form the test set")
     sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--max-pixels", type=int, default=64_000_000,
+                    help="images above this many pixels are not used (stored rows are never changed)")
     sp.add_argument("--out", required=True, help="backbone directory to write")
     return p
 
 
+FILE_SYSTEM_EXIT = 8  # an OSError the library did not turn into a FeatcacheError: permission, not a directory, disk full
+
+
+def os_error_message(e: OSError) -> str:
+    """One line naming what the system refused and the path(s): ``Permission denied: /srv/index``."""
+    if isinstance(e, FileExistsError) and e.filename is not None and os.path.isfile(e.filename):
+        return f"Not a directory (a file is in the way): {e.filename}"  # mkdir where a regular file is
+    paths = [str(p) for p in (e.filename, e.filename2) if p is not None]
+    line = f"{e.strerror or e}: {' -> '.join(paths)}" if paths else str(e.strerror or e)
+    return " ".join(line.split())
+
+
+def _fail(args: argparse.Namespace, error: str, message: str, code: int) -> int:
+    if getattr(args, "json", False):
+        print(json.dumps({"error": error, "message": message}))
+    print(f"featcache: error: {message}", file=sys.stderr)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; every failure ends as one line on stderr and a documented exit code, never a traceback."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         COMMANDS[args.command](args)
     except FeatcacheError as e:
-        if getattr(args, "json", False):
-            print(json.dumps({"error": type(e).__name__, "message": str(e)}))
-        print(f"featcache: error: {e}", file=sys.stderr)
-        return e.exit_code
+        return _fail(args, type(e).__name__, str(e), e.exit_code)
+    except BrokenPipeError:  # the reader of our output went away (`featcache ... | head`): nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit-time flush stays quiet
+        return 141
+    except OSError as e:  # last resort: a path the library met without a check of its own
+        code = NotFoundError.exit_code if isinstance(e, FileNotFoundError) else FILE_SYSTEM_EXIT
+        return _fail(args, type(e).__name__, os_error_message(e), code)
     except KeyboardInterrupt:
         print("featcache: interrupted; committed work is kept, run the same command to resume", file=sys.stderr)
         return 130

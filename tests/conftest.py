@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("SCIPY_ARRAY_API", "1")  # read when scipy is imported: sklearn's array-API checks run, not skip
+
 import shutil
 from pathlib import Path
 

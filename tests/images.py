@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import struct
 import zlib
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -17,16 +16,18 @@ def real_photo(i: int = 0) -> Image.Image:
     return Image.open(imagenet20()[i][0]).convert("RGB")
 
 
-def jpeg_bytes(img: Image.Image, **kw) -> bytes:
+def encode(img: Image.Image, fmt: str, **kw) -> bytes:
     buf = io.BytesIO()
-    img.save(buf, "JPEG", quality=90, **kw)
+    img.save(buf, fmt, **kw)
     return buf.getvalue()
+
+
+def jpeg_bytes(img: Image.Image, **kw) -> bytes:
+    return encode(img, "JPEG", quality=90, **kw)
 
 
 def png_bytes(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, "PNG")
-    return buf.getvalue()
+    return encode(img, "PNG")
 
 
 def bomb_png(width: int = 60_000, height: int = 60_000) -> bytes:
@@ -59,28 +60,34 @@ def bad_files() -> dict[str, bytes]:
     }
 
 
-def odd_but_valid(tmp: Path) -> dict[str, Path]:
-    """Valid images in every mode featcache must turn into RGB."""
-    photo = real_photo(3).resize((320, 240))
-    out = {}
+def mode_variants(photo: Image.Image) -> dict[str, bytes]:
+    """A real photo in every format and mode featcache must turn into RGB (and every EXIF orientation)."""
     arr = np.asarray(photo)
-    variants = {
-        "gray.png": photo.convert("L"),
-        "palette.png": photo.convert("P"),
-        "rgba.png": photo.convert("RGBA"),
-        "la.png": photo.convert("LA"),
-        "cmyk.jpg": photo.convert("CMYK"),
-        "gray16.png": Image.fromarray(arr[..., 0].astype(np.uint16) * 257),
-        "anim.gif": photo.convert("P"),
-        "photo.webp": photo,
-        "photo.bmp": photo,
-        "photo.tiff": photo,
+    rgba = photo.convert("RGBA")
+    rgba.putalpha(Image.fromarray((arr[..., 1] // 2 + 64).astype(np.uint8)))
+    gray16 = Image.fromarray(arr[..., 0].astype(np.uint16) * 257 + 3)
+    palette_t = photo.convert("P")
+    palette_t.info["transparency"] = 5
+    out = {
+        "rgb.jpg": encode(photo, "JPEG", quality=90), "progressive.jpg": encode(photo, "JPEG", progressive=True),
+        "gray.jpg": encode(photo.convert("L"), "JPEG"), "cmyk.jpg": encode(photo.convert("CMYK"), "JPEG"),
+        "rgb.png": encode(photo, "PNG"), "rgba.png": encode(rgba, "PNG"), "la.png": encode(rgba.convert("LA"), "PNG"),
+        "palette.png": encode(photo.convert("P"), "PNG"), "palette_t.png": encode(palette_t, "PNG"),
+        "gray.png": encode(photo.convert("L"), "PNG"), "bilevel.png": encode(photo.convert("1"), "PNG"),
+        "gray16.png": encode(gray16, "PNG"), "gray16.pgm": encode(gray16, "PPM"),
+        "anim.gif": encode(photo.convert("P"), "GIF", save_all=True, append_images=[photo.rotate(90).convert("P")]),
+        "lossy.webp": encode(photo, "WEBP"), "alpha.webp": encode(rgba, "WEBP", lossless=True),
+        "rgb.tiff": encode(photo, "TIFF"), "lzw_rgba.tiff": encode(rgba, "TIFF", compression="tiff_lzw"),
+        "float.tiff": encode(Image.fromarray(arr[..., 2].astype(np.float32) / 255), "TIFF"),
+        "float255.tiff": encode(Image.fromarray(arr[..., 2].astype(np.float32) * 1.5), "TIFF"),
+        "int32.tiff": encode(Image.fromarray(arr[..., 0].astype(np.int32) * 100 - 50), "TIFF"),
+        "cmyk.tiff": encode(photo.convert("CMYK"), "TIFF"), "ycbcr.tiff": encode(photo.convert("YCbCr"), "TIFF"),
+        "rgb.bmp": encode(photo, "BMP"), "rgb.ppm": encode(photo, "PPM"), "bilevel.pbm": encode(photo.convert("1"), "PPM"),
+        "icon.ico": encode(photo.resize((64, 48)), "ICO", sizes=[(64, 48)]), "rgb.avif": encode(photo, "AVIF"),
     }
-    for name, img in variants.items():
-        path = tmp / name
-        if name == "anim.gif":
-            img.save(path, save_all=True, append_images=[photo.rotate(90).convert("P")], duration=100)
-        else:
-            img.save(path)
-        out[name] = path
+    for orientation in range(1, 9):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        out[f"exif{orientation}.jpg"] = encode(photo, "JPEG", exif=exif.tobytes())
+        out[f"exif{orientation}.png"] = encode(rgba, "PNG", exif=exif.tobytes())
     return out

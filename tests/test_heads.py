@@ -16,8 +16,7 @@ from sklearn.preprocessing import Normalizer
 
 from featcache.classify.bundle import load_bundle, save_bundle
 from featcache.classify.data import holdout_split, load_labelled, source_split
-from featcache.classify.heads import KNNHead, LinearSVMHead, LogRegHead
-from featcache.classify.mlp import MLPHead
+from featcache.classify.heads import KNNHead, LinearSVMHead, LogRegHead, MLPHead
 from featcache.cli import main
 from featcache.errors import FingerprintMismatch
 from featcache.store.cache import FeatureCache
@@ -57,7 +56,7 @@ def test_sklearn_contract_pipeline_and_gridsearch(tux):
 def test_logreg_picks_C_on_validation_and_mlp_is_seeded(tux):
     data, tr, _ = tux
     lr = LogRegHead().fit(data.X[tr], data.y[tr])
-    assert lr.C_ in lr.Cs and len(lr.validation_) == len(lr.Cs)
+    assert lr.C_ in lr.default_Cs and len(lr.validation_) == len(lr.default_Cs)
     a = MLPHead(max_epochs=5, random_state=3).fit(data.X[tr], data.y[tr])
     b = MLPHead(max_epochs=5, random_state=3).fit(data.X[tr], data.y[tr])
     assert np.array_equal(a.w1_, b.w1_) and 1 <= a.best_epoch_ <= a.n_epochs_ <= 5

@@ -13,7 +13,7 @@ from featcache.cli import main
 from featcache.errors import FingerprintMismatch, NotFoundError
 from featcache.extract.pipeline import ExtractConfig, Extraction
 from featcache.store.cache import FeatureCache
-from featcache.store.index import IndexParams, VectorIndex, build_from_cache, dedupe, normalise
+from featcache.store.index import CacheMismatch, IndexParams, VectorIndex, build_from_cache, dedupe, normalise
 
 
 @pytest.fixture(scope="module")
@@ -146,3 +146,70 @@ def test_dedupe_finds_mirrored_pairs(tmp_path, imagenet_dir, lite0_embedder):
     d = dedupe(cache, threshold=0.9)
     pairs = sorted(tuple(sorted(g["keys"])) for g in d["groups"])
     assert pairs == [(f"{i}.png", f"{i}_resized.jpg") for i in range(4)]
+
+
+def _small_cache(tmp_path: Path, imagenet_dir, embedder, name: str, n: int) -> Path:
+    """A real cache of the first ``n`` ImageNet JPEGs (same backbone, so the same fingerprint as imagenet_cache)."""
+    src = tmp_path / f"{name}-src"
+    for p in sorted(Path(imagenet_dir).rglob("*.jpg"))[:n]:
+        (src / p.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(p, src / p.parent.name / p.name)
+    cache = tmp_path / name
+    Extraction(ExtractConfig(str(src), str(cache), progress=False), embedder).run()
+    return cache
+
+
+def test_an_index_belongs_to_the_cache_it_was_built_from(imagenet_cache, imagenet_dir, tmp_path, lite0_embedder, capsys):
+    """Two caches of one fingerprint: updating B's index from A is refused (ids are row numbers), naming both."""
+    other = _small_cache(tmp_path, imagenet_dir, lite0_embedder, "other", 6)
+    assert FeatureCache(other).resolve_fingerprint() == FeatureCache(imagenet_cache).resolve_fingerprint()
+    out = tmp_path / "idx"
+    build_from_cache(other, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["source"] == {"cache": str(other.resolve()), "cache_uid": FeatureCache(other).uid}
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(CacheMismatch, match=f"built from cache {other} .*not from cache {imagenet_cache} "):
+        build_from_cache(imagenet_cache, out)
+    with pytest.raises(CacheMismatch):
+        VectorIndex.load(out).update_from_cache(FeatureCache(imagenet_cache))
+    assert main(["index", "--cache", str(imagenet_cache), "--out", str(out), "--json"]) == 5  # the fingerprint exit code
+    err = json.loads(capsys.readouterr().out)
+    assert err["error"] == "CacheMismatch" and FeatureCache(other).uid in err["message"]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing merged, nothing written
+
+    moved = other.rename(tmp_path / "moved")  # the same cache elsewhere: its uid still matches
+    s = build_from_cache(moved, out)
+    assert s["action"] == "updated" and s["added"] == 0 and s["count"] == 6
+    assert json.loads((out / "manifest.json").read_text())["source"]["cache"] == str(moved.resolve())
+
+
+def test_index_and_cache_from_before_uids_are_matched_by_path(imagenet_dir, tmp_path, lite0_embedder):
+    """An index with no recorded uid is matched by the cache's resolved path, and adopts the uid the cache gets."""
+    cache = _small_cache(tmp_path, imagenet_dir, lite0_embedder, "old", 5)
+    other = _small_cache(tmp_path, imagenet_dir, lite0_embedder, "old-other", 5)
+    zarr_json = cache / "zarr.json"  # make it a cache from before uids: no "id" in its attributes
+    meta = json.loads(zarr_json.read_text())
+    del meta["attributes"]["featcache"]["id"]
+    zarr_json.write_text(json.dumps(meta))
+    assert FeatureCache(cache).uid is None
+    out = tmp_path / "idx"
+    build_from_cache(cache, out)
+    assert json.loads((out / "manifest.json").read_text())["source"]["cache_uid"] is None
+    assert build_from_cache(cache, out)["action"] == "updated"  # same path: accepted
+    with pytest.raises(CacheMismatch, match="id none"):
+        build_from_cache(other, out)  # another path, whatever its uid
+
+    uid = FeatureCache(cache, create=True).uid  # its next writer gives the cache a uid
+    assert uid
+    build_from_cache(cache, out)  # still the recorded path: accepted, and the index now records the uid
+    assert json.loads((out / "manifest.json").read_text())["source"]["cache_uid"] == uid
+
+
+def test_index_out_that_cannot_be_written_fails_before_building(imagenet_cache, tmp_path):
+    """``--out`` under a regular file: OSError (the CLI's exit code 8) before any vector is read."""
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(NotADirectoryError):
+        build_from_cache(imagenet_cache, blocker / "idx")
+    with pytest.raises(FileExistsError):
+        build_from_cache(imagenet_cache, blocker)

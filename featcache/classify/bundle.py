@@ -1,7 +1,9 @@
 """Head bundles: ``manifest.json`` plus ``state.safetensors`` (plain arrays, never pickle).
 
 A bundle names the fingerprint its head was trained on; applying it to vectors of any
-other fingerprint raises ``FingerprintMismatch`` naming both.
+other fingerprint raises ``FingerprintMismatch`` naming both. Labels are stored as JSON
+values of their own type (strings stay strings, ints stay ints), so a loaded head
+predicts what the trained one did.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import FingerprintMismatch, NotFoundError, UsageError
+from ..store.outputs import writable_dir
 from .heads import Head, head_types
 
 FORMAT = 1
@@ -45,8 +48,7 @@ def save_bundle(out: str | Path, head: Head, *, fingerprint: str, canon: dict, b
     """Write a head bundle directory; returns its path."""
     from safetensors.numpy import save_file
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = writable_dir(out)
     state = {k: np.ascontiguousarray(v) for k, v in head.state().items()}
     save_file(state, str(out / STATE))
     manifest = {
@@ -55,7 +57,7 @@ def save_bundle(out: str | Path, head: Head, *, fingerprint: str, canon: dict, b
         "fingerprint_description": canon,
         "backbone": backbone,
         "tap": tap,
-        "labels": [str(c) for c in head.classes_],
+        "labels": head.classes_.tolist(),  # heads take str, int, float or bool labels: all JSON values
         "head": {"type": head.kind, "params": {k: _jsonable(v) for k, v in head.get_params().items()}},
         "dim": int(head.n_features_in_),
         "metrics": metrics or {},
@@ -83,7 +85,8 @@ class HeadBundle:
         return self.manifest["tap"]
 
     @property
-    def labels(self) -> list[str]:
+    def labels(self) -> list:
+        """The classes in ``predict_proba`` column order, as JSON values of their training type."""
         return self.manifest["labels"]
 
     def check(self, fingerprint: str, what: str = "vectors") -> None:
@@ -100,10 +103,8 @@ class HeadBundle:
         return self.head.predict_proba(vectors)
 
 
-def load_bundle(path: str | Path) -> HeadBundle:
-    """Load a head bundle written by ``save_bundle`` (in any process; no pickle involved)."""
-    from safetensors.numpy import load_file
-
+def read_manifest(path: str | Path) -> dict:
+    """A head bundle's manifest, checked for its format (no state arrays are read)."""
     path = Path(path)
     mf = path / MANIFEST
     if not mf.is_file():
@@ -112,13 +113,20 @@ def load_bundle(path: str | Path) -> HeadBundle:
     fmt = manifest.get("featcache_head", {}).get("format")
     if fmt != FORMAT:
         raise UsageError(f"{path} is head bundle format {fmt}, this featcache reads {FORMAT}")
+    return manifest
+
+
+def load_bundle(path: str | Path) -> HeadBundle:
+    """Load a head bundle written by ``save_bundle`` (in any process; no pickle involved)."""
+    from safetensors.numpy import load_file
+
+    path = Path(path)
+    manifest = read_manifest(path)
     kind = manifest["head"]["type"]
     types = head_types()
     if kind not in types:
         raise UsageError(f"{path} holds a head of unknown type {kind!r} (known: {sorted(types)})")
     arrays = load_file(str(path / manifest.get("state_file", STATE)))
-    params = manifest["head"]["params"]
-    if "Cs" in params and params["Cs"] is not None:
-        params = {**params, "Cs": tuple(params["Cs"])}
-    head = types[kind].from_state(params, manifest["labels"], arrays)
+    params = {k: tuple(v) if isinstance(v, list) else v for k, v in manifest["head"]["params"].items()}
+    head = types[kind].from_state(params, manifest["labels"], manifest["dim"], arrays)
     return HeadBundle(path, manifest, head)

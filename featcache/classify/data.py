@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import NotFoundError, UsageError
-from ..store.cache import FeatureCache
-from .heads import as_labels, stratified_holdout
+from ..hashing import sha256_file
+from ..store.cache import FeatureCache, rows_of
+from .splits import stratified_holdout
 
 
 @dataclass
@@ -23,30 +23,44 @@ class Labelled:
     y: np.ndarray  # (n,) unicode labels
     sha256: np.ndarray  # (n,) unicode
     keys: np.ndarray  # (n,) unicode
+    conflicts: int = 0  # rows left out (or kept, see ``load_labelled``) whose bytes carry several labels
 
     def __len__(self) -> int:
         return len(self.y)
 
     def subset(self, idx: np.ndarray) -> Labelled:
-        return Labelled(self.fingerprint, self.tap, self.X[idx], self.y[idx], self.sha256[idx], self.keys[idx])
+        return Labelled(self.fingerprint, self.tap, self.X[idx], self.y[idx], self.sha256[idx], self.keys[idx],
+                        self.conflicts)
 
 
-def load_labelled(cache: FeatureCache, fingerprint: str | None = None, tap: str = "final") -> Labelled:
-    """The labelled, successfully decoded rows of ``tap`` (unlabelled rows are left out)."""
+CONFLICT_POLICIES = ("drop", "keep")
+
+
+def load_labelled(cache: FeatureCache, fingerprint: str | None = None, tap: str = "final",
+                  conflicts: str = "drop") -> Labelled:
+    """The labelled, successfully decoded rows of ``tap`` (unlabelled rows are left out).
+
+    Images whose very bytes were found under several labels (``featcache extract`` reports them)
+    are left out with ``conflicts="drop"``, or kept under the label extract stored with ``"keep"``.
+    """
+    if conflicts not in CONFLICT_POLICIES:
+        raise UsageError(f"--label-conflicts must be one of {CONFLICT_POLICIES}, got {conflicts!r}")
     f = cache.read(fingerprint, tap)
-    y = as_labels(f.labels)
+    y = f.labels
     keep = y != ""
+    conflicted = keep & (f.conflicts != "")
+    if conflicts == "drop":
+        keep &= ~conflicted
     if keep.sum() == 0:
         raise UsageError(f"cache {cache.root} has no labelled rows for {f.fingerprint}/{tap}; "
                          "extract a folder with class subfolders or a CSV with a label column")
     vectors = f.vectors if keep.all() else f.vectors[keep]  # no copy of a possibly huge tap when all are labelled
-    return Labelled(f.fingerprint, tap, vectors, y[keep], as_labels(f.sha256)[keep], as_labels(f.keys)[keep])
+    return Labelled(f.fingerprint, tap, vectors, y[keep], f.sha256[keep], f.keys[keep], int(conflicted.sum()))
 
 
 def align(a: Labelled, b: Labelled) -> Labelled:
     """``b`` restricted and reordered to ``a``'s rows (taps can lag behind while extracting)."""
-    pos = {s: i for i, s in enumerate(b.sha256)}
-    idx = np.asarray([pos.get(s, -1) for s in a.sha256])
+    idx = rows_of(b.sha256, a.sha256)
     if (idx < 0).any():
         raise UsageError(f"tap {b.tap} lacks {(idx < 0).sum()} rows that tap {a.tap} has (extraction still running?)")
     return b.subset(idx)
@@ -56,21 +70,20 @@ def holdout_split(y: np.ndarray, fraction: float, seed: int = 0) -> tuple[np.nda
     """Stratified (train, test) indices."""
     if not 0 < fraction < 1:
         raise UsageError(f"--test-split must be between 0 and 1, got {fraction}")
-    return stratified_holdout(np.unique(y, return_inverse=True)[1], fraction, seed)
+    return stratified_holdout(y, fraction, seed)
 
 
 def source_split(data: Labelled, source: str) -> tuple[np.ndarray, np.ndarray, dict]:
     """(train, test) indices: rows whose image content (sha256) or key is in SOURCE are the test set."""
     from ..extract.sources import list_source
 
-    items, _ = list_source(source, "none")
+    items = list_source(source, "none").items
     if not items:
         raise NotFoundError(f"--test-source {source} holds no images")
     hashes = set()
     for it in items:
         try:
-            with open(it.path, "rb") as f:
-                hashes.add(hashlib.file_digest(f, "sha256").hexdigest())
+            hashes.add(sha256_file(it.path))
         except OSError:
             continue
     keys = {it.key for it in items} | {Path(it.key).as_posix() for it in items}

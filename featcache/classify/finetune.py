@@ -32,14 +32,17 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
-from ..extract.backbone import RAW, RAW_BLOCK, Backbone, decompose, sha256_file
-from ..extract.decode import load_image
+from ..extract.backbone import RAW, RAW_BLOCK, Backbone, decompose
+from ..extract.decode import DEFAULT_MAX_PIXELS, load_image
 from ..extract.embedder import Embedder
-from ..extract.pipeline import ExtractConfig, Extraction
+from ..extract.pipeline import ExtractConfig, Extraction, cached_images
 from ..extract.registry import DEFAULT_BACKBONE, resolve
+from ..hashing import sha256_file
 from ..runtime import available_cpus
-from ..store.cache import FeatureCache
+from ..store.cache import FeatureCache, rows_of
 from .data import Labelled, load_labelled, source_split
+from .schedule import warmup_cosine
+from .splits import stratified_holdout
 
 
 @dataclass
@@ -66,6 +69,7 @@ class FinetuneConfig:
     recompute_prefix: bool = False  # run the frozen prefix every step (the slow baseline) instead of the cache
     test_source: str | None = None
     max_train: int | None = None
+    max_pixels: int = DEFAULT_MAX_PIXELS  # as for extract: a per-run limit skips work, never marks stored rows failed
     progress: bool = True
 
 
@@ -99,27 +103,6 @@ def _reinit(module: nn.Module) -> None:
             m.reset_parameters()
 
 
-def _split(labels: np.ndarray, test: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    train, val = [], []
-    for c in np.unique(labels[~test]):
-        idx = np.flatnonzero((labels == c) & ~test)
-        rng.shuffle(idx)
-        k = max(1, int(round(len(idx) * val_fraction))) if len(idx) > 1 else 0
-        val += idx[:k].tolist()
-        train += idx[k:].tolist()
-    return np.array(sorted(train)), np.array(sorted(val))
-
-
-def _lr_lambda(warmup_steps: int, total_steps: int):
-    def f(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return f
-
-
 class Finetuner:
     def __init__(self, cfg: FinetuneConfig):
         if cfg.bn not in ("train", "frozen"):
@@ -145,12 +128,13 @@ class Finetuner:
 
     def cached_prefix(self, emb: Embedder) -> tuple[Labelled, np.ndarray]:
         """The cache's labelled images with X = prefix activations (n, C*H*W), computed once; and their paths."""
-        Extraction(ExtractConfig("", self.cfg.cache, taps=[self.raw_tap], progress=self.cfg.progress), emb).run_cached_images()
+        cfg = ExtractConfig(None, self.cfg.cache, taps=[self.raw_tap], progress=self.cfg.progress,
+                            max_pixels=self.cfg.max_pixels)
+        Extraction(cfg, emb).run(cached_images(FeatureCache(self.cfg.cache)))
         cache = FeatureCache(self.cfg.cache)
         data = load_labelled(cache, emb.fingerprint, self.raw_tap)
         table = cache.images()
-        path_of = dict(zip(table.sha256.tolist(), table.path.tolist()))
-        return data, np.array([path_of[s] for s in data.sha256])
+        return data, table.path[rows_of(table.sha256, data.sha256)]
 
     def test_mask(self, data: Labelled) -> np.ndarray:
         """Rows in ``--test-source`` (matched as ``featcache train`` matches them)."""
@@ -189,7 +173,7 @@ class Finetuner:
             x = torch.from_numpy(acts[idx]).view(len(idx), *self.raw_shape)
             return x.contiguous(memory_format=torch.channels_last)
         pre = self.base.spec.preprocess
-        imgs = torch.stack([load_image(Path(p).read_bytes(), pre) for p in paths[idx]])
+        imgs = torch.stack([load_image(Path(p).read_bytes(), pre, self.cfg.max_pixels) for p in paths[idx]])
         if self.cfg.augment and train:
             flip = torch.rand(len(imgs)) < 0.5
             imgs[flip] = imgs[flip].flip(-1)
@@ -250,7 +234,9 @@ class Finetuner:
             raise UsageError("fine-tuning needs at least two labelled classes in the cache")
         y = np.searchsorted(classes, labels)
         test = self.test_mask(data)
-        train_idx, val_idx = _split(labels, test, cfg.val_fraction, cfg.seed)
+        rows = np.flatnonzero(~test)  # train and validation rows come from outside the test set
+        keep, held = stratified_holdout(labels[rows], cfg.val_fraction, cfg.seed)
+        train_idx, val_idx = rows[keep], rows[held]
         if cfg.max_train:
             train_idx = np.random.default_rng(cfg.seed).permutation(train_idx)[: cfg.max_train]
         net, prefix, suffix = self.build(len(classes))
@@ -260,8 +246,8 @@ class Finetuner:
         opt = torch.optim.AdamW([{"params": pretrained, "lr": cfg.lr * mult},
                                  {"params": suffix.head.parameters(), "lr": cfg.lr}], weight_decay=cfg.weight_decay)
         steps_per_epoch = math.ceil(len(train_idx) / cfg.batch_size)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(int(cfg.warmup_epochs * steps_per_epoch),
-                                                                  cfg.epochs * steps_per_epoch))
+        warmup, total = int(cfg.warmup_epochs * steps_per_epoch), cfg.epochs * steps_per_epoch
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: warmup_cosine(step, warmup, total))
         rng = np.random.default_rng(cfg.seed)
         history, best, best_state, stale = [], -1.0, None, 0
         for epoch in range(1, cfg.epochs + 1):

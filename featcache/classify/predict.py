@@ -8,15 +8,14 @@ that cannot be read or decoded gets its own error; the others are still predicte
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import FeatcacheError, FingerprintMismatch
-from ..store.cache import FeatureCache
+from ..hashing import sha256_bytes
+from ..store.cache import FeatureCache, rows_of
 from .bundle import HeadBundle, load_bundle
-from .heads import as_labels
 
 
 def _cached_vectors(bundle: HeadBundle, cache_dir: str | None, explicit: bool, shas: dict[int, str]) -> dict[int, np.ndarray]:
@@ -37,15 +36,14 @@ def _cached_vectors(bundle: HeadBundle, cache_dir: str | None, explicit: bool, s
     if bundle.tap not in cache.group_attrs(bundle.fingerprint)["taps"]:
         return {}
     feats = cache.read(bundle.fingerprint, bundle.tap)
-    row = {s: i for i, s in enumerate(as_labels(feats.sha256))}
-    return {i: feats.vectors[row[s]] for i, s in shas.items() if s in row}
+    rows = rows_of(feats.sha256, list(shas.values()))
+    return {i: feats.vectors[r] for i, r in zip(shas, rows) if r >= 0}
 
 
 def predict(head_dir: str, images: list[str], cache: str | None = None, device: str = "auto",
             batch_size: int = 16, top_k: int = 3, runtime: str = "auto", precision: str = "auto") -> dict:
     """Labels with probabilities for ``images`` (paths); per-file errors instead of a crash."""
     bundle = load_bundle(head_dir)
-    explicit_cache = cache is not None
     results: list[dict] = [{"image": str(p)} for p in images]
     data: dict[int, bytes] = {}
     for i, p in enumerate(images):
@@ -53,15 +51,14 @@ def predict(head_dir: str, images: list[str], cache: str | None = None, device: 
             data[i] = Path(p).read_bytes()
         except OSError as e:
             results[i]["error"] = f"unreadable file: {e.strerror or e}"
-    shas = {i: hashlib.sha256(b).hexdigest() for i, b in data.items()}
-    cache = cache or bundle.manifest.get("cache")
-    vectors = _cached_vectors(bundle, cache, explicit_cache, shas)
+    shas = {i: sha256_bytes(b) for i, b in data.items()}
+    vectors = _cached_vectors(bundle, cache or bundle.manifest.get("cache"), cache is not None, shas)
     for i in vectors:
         results[i]["source"] = "cache"
     todo = [i for i in data if i not in vectors]
     if todo:
-        vectors.update(_embed(bundle, {i: data[i] for i in todo}, results, device, batch_size,
-                              runtime, precision, cache))
+        vectors.update(_embed(bundle, {i: data[i] for i in todo}, results, device, batch_size, runtime, precision,
+                              cache or bundle.manifest.get("cache")))
     ok = sorted(vectors)
     if ok:
         proba = bundle.predict_proba(np.stack([vectors[i] for i in ok]), bundle.fingerprint)
@@ -75,7 +72,8 @@ def predict(head_dir: str, images: list[str], cache: str | None = None, device: 
 
 
 def _embed(bundle: HeadBundle, data: dict[int, bytes], results: list[dict], device: str,
-           batch_size: int, runtime: str = "auto", precision: str = "auto", cache: str | None = None) -> dict[int, np.ndarray]:
+           batch_size: int, runtime: str = "auto", precision: str = "auto",
+           cache: str | None = None) -> dict[int, np.ndarray]:
     import torch
 
     from ..extract.decode import load_image

@@ -23,7 +23,8 @@ import numpy as np
 from ..errors import UsageError
 from ..store.cache import FeatureCache
 from .data import align, holdout_split, kfold, load_labelled
-from .heads import LogRegHead, stratified_holdout
+from .heads import LogRegHead
+from .splits import stratified_holdout
 
 # Thresholds (documented in the output so a user can judge them).
 LARGE_PER_CLASS = 1000  # median images per class from which a dataset counts as large
@@ -46,9 +47,8 @@ def probe(cache_dir: str, fingerprint: str | None = None, taps: list[str] | None
     attrs = cache.group_attrs(fp)
     taps = sorted(taps or attrs["taps"], key=_depth)
     base = load_labelled(cache, fp, "final" if "final" in attrs["taps"] else taps[-1])
-    y_idx = np.unique(base.y, return_inverse=True)[1]
     if len(base) > max_rows:  # stratified subsample keeps probing to seconds on big caches
-        keep, _ = stratified_holdout(y_idx, 1 - max_rows / len(base), seed)
+        keep, _ = stratified_holdout(base.y, 1 - max_rows / len(base), seed)
         base = base.subset(keep)
     counts = np.unique(base.y, return_counts=True)[1]
     small = len(base) < 2000

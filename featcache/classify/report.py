@@ -16,8 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from ..store.cache import FeatureCache
-from .heads import as_labels
+from ..store.cache import FeatureCache, rows_of
 from .train import Evaluation
 
 _BLUE = (31, 119, 180)
@@ -154,9 +153,9 @@ def misclassified(ev: Evaluation, cache: FeatureCache, limit: int = 48) -> list[
     wrong = np.flatnonzero(ev.classes[pred] != ev.y_true)
     wrong = wrong[np.argsort(-conf[wrong])][:limit]
     table = cache.images()
-    path_of = dict(zip(as_labels(table.sha256), as_labels(table.path)))
-    return [{"key": str(ev.keys[i]), "path": path_of.get(str(ev.sha256[i]), ""), "true": str(ev.y_true[i]),
-             "predicted": str(ev.classes[pred[i]]), "probability": float(conf[i])} for i in wrong]
+    rows = rows_of(table.sha256, ev.sha256[wrong])
+    return [{"key": str(ev.keys[i]), "path": str(table.path[r]) if r >= 0 else "", "true": str(ev.y_true[i]),
+             "predicted": str(ev.classes[pred[i]]), "probability": float(conf[i])} for i, r in zip(wrong, rows)]
 
 
 def write_report(path: str | Path, summary: dict, evals: list[Evaluation], cache: FeatureCache) -> dict:

@@ -15,6 +15,7 @@ import numpy as np
 
 from ..errors import UsageError
 from ..store.cache import FeatureCache
+from ..store.outputs import writable_dir
 from .bundle import save_bundle
 from .data import Labelled, align, holdout_split, kfold, load_labelled, source_split
 from .heads import Head, make_head
@@ -33,6 +34,7 @@ class TrainConfig:
     test_source: str | None = None
     seed: int = 0
     params: dict = field(default_factory=dict)  # per head kind: {kind: {param: value}}
+    label_conflicts: str = "drop"  # images found under several labels: "drop" them or "keep" their stored label
 
 
 @dataclass
@@ -49,6 +51,20 @@ class Evaluation:
     metrics: dict
 
 
+def _params(cfg: TrainConfig, kind: str) -> dict:
+    """The user's parameters for ``kind``; a head that takes a seed gets ``--seed`` unless given one."""
+    params = dict(cfg.params.get(kind, {}))
+    if "random_state" in make_head(kind).get_params():
+        params.setdefault("random_state", cfg.seed)
+    return params
+
+
+def _fitted_scalars(head: Head) -> dict:
+    """What fitting chose (``C_``, ``n_epochs_``, ...): the head's scalar fitted attributes, without the ``_``."""
+    return {k.rstrip("_"): v for k, v in vars(head).items()
+            if k.endswith("_") and not k.startswith("_") and k != "n_features_in_" and isinstance(v, int | float)}
+
+
 def _fit(kind: str, params: dict, X: np.ndarray, y: np.ndarray) -> tuple[Head, float]:
     head = make_head(kind, **params)
     t = time.perf_counter()
@@ -57,9 +73,7 @@ def _fit(kind: str, params: dict, X: np.ndarray, y: np.ndarray) -> tuple[Head, f
 
 
 def _evaluate_one(cfg: TrainConfig, data: Labelled, kind: str, split) -> tuple[Head, Evaluation, dict]:
-    params = dict(cfg.params.get(kind, {}))
-    if kind in ("logreg", "linear-svm", "mlp"):
-        params.setdefault("random_state", cfg.seed)
+    params = _params(cfg, kind)
     if cfg.cv:
         proba = None
         fold_acc, fold_secs = [], []
@@ -90,9 +104,8 @@ def _evaluate_one(cfg: TrainConfig, data: Labelled, kind: str, split) -> tuple[H
     summary = {"tap": data.tap, "head": kind, "params": head.get_params(), "train_seconds": secs,
                "train_rows": int(len(data) if cfg.cv else len(split[0])), "dim": int(data.X.shape[1]),
                "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "ece": metrics["ece"], **extra}
-    for attr in ("C_", "n_epochs_", "best_epoch_"):
-        if hasattr(head, attr):
-            summary[attr.rstrip("_")] = getattr(head, attr)
+    for name, value in _fitted_scalars(head).items():
+        summary.setdefault(name, value)
     ev = Evaluation(data.tap, kind, y_true, proba, classes, data.sha256[test_idx], data.keys[test_idx], metrics)
     return head, ev, summary
 
@@ -104,14 +117,16 @@ def train(cfg: TrainConfig) -> tuple[dict, list[Evaluation]]:
         raise UsageError("use one of --cv, --test-split, --test-source")
     if modes == 0:
         cfg.test_split = 0.2
+    if cfg.out:
+        writable_dir(cfg.out)  # before the training time is spent
     cache = FeatureCache(cfg.cache)
     fp = cache.resolve_fingerprint(cfg.fingerprint)
     attrs = cache.group_attrs(fp)
     taps = list(dict.fromkeys(cfg.taps))
-    base = load_labelled(cache, fp, taps[0])
+    base = load_labelled(cache, fp, taps[0], cfg.label_conflicts)
     datasets = {taps[0]: base}
     for tap in taps[1:]:
-        datasets[tap] = align(base, load_labelled(cache, fp, tap))
+        datasets[tap] = align(base, load_labelled(cache, fp, tap, "keep"))
     split_info: dict = {}
     if cfg.cv:
         split = kfold(base.y, cfg.cv, cfg.seed)
@@ -140,6 +155,7 @@ def train(cfg: TrainConfig) -> tuple[dict, list[Evaluation]]:
     out = {
         "cache": str(cache.root), "fingerprint": fp, "backbone": attrs["backbone"].get("name"),
         "labelled_rows": len(base), "classes": len(np.unique(base.y)), "evaluation": split_info,
+        "label_conflicts": {"images": base.conflicts, "policy": cfg.label_conflicts},
         "results": results, "best": {"tap": summary["tap"], "head": summary["head"]},
         "metrics": ev.metrics, "train_seconds": summary["train_seconds"], "out": cfg.out,
     }

@@ -19,8 +19,9 @@ class ServiceConfig:
     precision: str = "auto"
     max_upload_bytes: int = 16 * 1024 * 1024
     max_pixels: int = 40_000_000
+    max_header_bytes: int = 16 * 1024  # all request header names and values together (431 above)
     batching: bool | None = None  # micro-batching (None: on with a GPU, off on CPU)
     max_batch: int = 8
     max_wait_ms: float = 10.0
     model_workers: int | None = None  # forward passes at once (None: one per CPU core on CPU, 1 on a GPU)
-    k_max: int = 100
+    thumbnail_cache_bytes: int = 64 * 1024 * 1024  # encoded thumbnails kept in memory (LRU)

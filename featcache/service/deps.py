@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import hmac
 
-from fastapi import Depends, Request, Security, UploadFile
+from fastapi import Request, Security, UploadFile
 from fastapi.security import APIKeyHeader
 
 from ..errors import FeatcacheError, TooLarge, UnsupportedMedia
+from .config import ServiceConfig
 from .state import ServiceState
 
 api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="required when the server has an API key")
@@ -34,9 +35,13 @@ async def get_state(request: Request) -> ServiceState:
     return state
 
 
-async def require_api_key(key: str | None = Security(api_key_header), state: ServiceState = Depends(get_state)) -> None:
-    """401 unless the X-API-Key header equals the configured key (constant-time comparison)."""
-    want = state.config.api_key
+async def require_api_key(request: Request, key: str | None = Security(api_key_header)) -> None:
+    """401 unless the X-API-Key header equals the configured key (constant-time comparison).
+
+    Reads the configuration, not the loaded state, so a wrong key is refused while the model still loads.
+    """
+    config: ServiceConfig = request.app.state.config
+    want = config.api_key
     if want is None:
         return
     if key is None or not hmac.compare_digest(key.encode(), want.encode()):

@@ -17,6 +17,7 @@ async def embed_upload(state: ServiceState, upload: UploadFile, timings: dict[st
     data = await upload_bytes(upload, state)
     pre = state.embedder.spec.preprocess
     with state.metrics.time("decode", timings):
-        x = await asyncio.to_thread(load_image, data, pre, state.config.max_pixels)
+        x = await asyncio.get_running_loop().run_in_executor(state.decoders, load_image, data, pre,
+                                                             state.config.max_pixels)
     with state.metrics.time("model", timings):
         return await state.batcher.submit(x)

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..classify.bundle import HeadBundle, load_bundle
+from ..classify.bundle import HeadBundle, load_bundle, read_manifest
 from ..errors import FeatcacheError, FingerprintMismatch, NotFoundError
 
 
@@ -21,6 +21,12 @@ class HeadLoadError(FeatcacheError):
     """A head bundle on disk could not be read; the head already loaded keeps serving."""
 
     http_status = 409
+
+
+def head_manifest(path: str | Path) -> HeadBundle:
+    """A head bundle's manifest alone, as a ``HeadBundle`` without its head (``check``, ``tap``, ``labels``
+    work): the service checks every head against the cache before it loads any state arrays."""
+    return HeadBundle(Path(path), read_manifest(path), None)
 
 
 @dataclass(frozen=True)
@@ -33,9 +39,9 @@ class LoadedHead:
 
     def describe(self) -> dict:
         m = self.bundle.manifest
-        return {"name": self.name, "labels": list(self.bundle.labels), "tap": self.bundle.tap,
+        return {"name": self.name, "labels": [str(c) for c in self.bundle.labels], "tap": self.bundle.tap,
                 "type": m.get("head", {}).get("type", "?"), "fingerprint": self.bundle.fingerprint,
-                "loaded_at": self.loaded_at, "reloads": self.reloads}
+                "loaded_at": self.loaded_at, "reloads": self.reloads, "metrics": m.get("metrics", {})}
 
 
 class HeadRegistry:

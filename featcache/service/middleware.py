@@ -1,4 +1,4 @@
-"""Pure ASGI middleware: request-body size limit (413) and per-route request metrics."""
+"""Pure ASGI middleware: request size limits (431 headers, 413 body) and per-route request metrics."""
 
 from __future__ import annotations
 
@@ -15,18 +15,30 @@ async def _send_json(send, status: int, body: dict) -> None:
     await send({"type": "http.response.body", "body": data})
 
 
-class BodyLimit:
-    """Refuse bodies over ``max_bytes`` with 413: by Content-Length, or while streaming."""
+class RequestLimits:
+    """Refuse oversized requests before the app sees them: headers over ``max_header_bytes`` (431),
+    bodies over ``max_body_bytes`` (413, by Content-Length or while streaming).
 
-    def __init__(self, app, max_bytes: int):
+    uvicorn's httptools parser accepts headers of any size, so the header limit is enforced here,
+    over the parsed headers in the scope (names and values together).
+    """
+
+    def __init__(self, app, max_body_bytes: int, max_header_bytes: int):
         self.app = app
-        self.max_bytes = max_bytes
+        self.max_bytes = max_body_bytes
+        self.max_header_bytes = max_header_bytes
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        headers = scope.get("headers", [])
+        header_bytes = sum(len(name) + len(value) for name, value in headers)
+        if header_bytes > self.max_header_bytes:
+            return await _send_json(send, 431, {
+                "error": "HeadersTooLarge",
+                "message": f"request headers total {header_bytes:,} bytes, over the limit of {self.max_header_bytes:,}"})
         err = {"error": "TooLarge", "message": f"request body is larger than the limit of {self.max_bytes:,} bytes"}
-        for name, value in scope.get("headers", []):
+        for name, value in headers:
             if name == b"content-length":
                 try:
                     too_big = int(value) > self.max_bytes
@@ -67,26 +79,23 @@ class BodyLimit:
 
 
 class RequestMetrics:
-    """Count requests by route and status; time them."""
+    """Count requests by route and status, and time them.
 
-    def __init__(self, app, metrics: Metrics, routes: tuple[str, ...]):
+    The route label is the template of the route the app's router picked (``/v1/heads/{name}/reload``),
+    read from the scope after routing, so a new endpoint gets its own label with nothing to list.
+    A request no route took (no such path, or refused by ``RequestLimits`` before routing) is "other":
+    raw paths never become labels.
+    """
+
+    def __init__(self, app, metrics: Metrics):
         self.app = app
         self.metrics = metrics
-        self.routes = routes
-
-    def _route(self, path: str) -> str:
-        if path in self.routes:
-            return path
-        if path.startswith("/v1/heads/"):
-            return "/v1/heads/{name}/reload"
-        return "other"
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         status = 500
         t0 = time.perf_counter()
-        route = self._route(scope.get("path", ""))  # before the app: routing may rewrite scope["path"]
 
         async def recording_send(msg):
             nonlocal status
@@ -97,5 +106,6 @@ class RequestMetrics:
         try:
             await self.app(scope, receive, recording_send)
         finally:
+            route = getattr(scope.get("route"), "path", None) or "other"
             self.metrics.requests.labels(route, str(status)).inc()
             self.metrics.latency.labels(route).observe(time.perf_counter() - t0)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
+GROUP_MEMBERS_MAX = 50  # members of one near-duplicate group listed
+
 
 class ErrorResponse(BaseModel):
     error: str = Field(description="exception type, e.g. ImageError, TooLarge, NotFoundError")
@@ -35,6 +37,7 @@ class SearchHit(BaseModel):
     key: str
     sha256: str
     score: float = Field(description="cosine similarity")
+    label: str | None = Field(None, description="the image's label in the cache (null: unlabelled)")
 
 
 class SearchResponse(BaseModel):
@@ -52,6 +55,7 @@ class HeadInfo(BaseModel):
     fingerprint: str
     loaded_at: str
     reloads: int
+    metrics: dict = Field(default_factory=dict, description="the bundle's evaluation at training (accuracy, ...)")
 
 
 class IndexInfo(BaseModel):
@@ -67,6 +71,7 @@ class IndexInfo(BaseModel):
 
 class InfoResponse(BaseModel):
     fingerprint: str
+    images: int = Field(description="images served: decoded rows of the served fingerprint that a file holds")
     backbone: str
     precision: str
     device: str
@@ -75,6 +80,7 @@ class InfoResponse(BaseModel):
     index: IndexInfo | None = None
     batching: dict
     limits: dict
+    thumbnails: dict = Field(description="thumbnail memory cache: items, bytes, max_bytes, hits, misses")
 
 
 class HealthResponse(BaseModel):
@@ -84,3 +90,68 @@ class HealthResponse(BaseModel):
 class ReloadResponse(BaseModel):
     head: HeadInfo
     previous_loaded_at: str
+
+
+class ImageItem(BaseModel):
+    sha256: str = Field(description="content hash: the image's identity (thumbnail: /v1/images/{sha256}/thumbnail)")
+    key: str = Field(description="the image's key in the cache (search by key)")
+    label: str | None = Field(None, description="null: unlabelled")
+
+
+class LabelCount(BaseModel):
+    label: str = Field(description='"" for the unlabelled images')
+    count: int
+
+
+class LabelsResponse(BaseModel):
+    images: int
+    total: int = Field(description="distinct labels (the unlabelled count as one)")
+    offset: int
+    limit: int
+    labels: list[LabelCount]
+
+
+class ImagesResponse(BaseModel):
+    label: str | None = Field(None, description="the label listed (null: every image)")
+    total: int = Field(description="images of this label (of all labels when label is null)")
+    offset: int
+    limit: int
+    images: list[ImageItem] = Field(description="sorted by label, then key")
+
+
+class ReviewItem(BaseModel):
+    sha256: str
+    key: str
+    label: str = Field(description="the true label")
+    predicted: str
+    probability: float = Field(description="probability of the predicted label")
+    label_probability: float = Field(description="probability of the true label")
+
+
+class ReviewResponse(BaseModel):
+    head: str
+    which: str = Field(description="wrong: most confident mistakes first; unsure: least confident predictions first")
+    folds: int = Field(description="cross-validation folds the predictions come from")
+    rows: int = Field(description="labelled images predicted")
+    accuracy: float = Field(description="out-of-fold accuracy")
+    seconds: float = Field(description="time the cross-validation took (once per head version)")
+    total: int = Field(description="images in this list")
+    offset: int
+    limit: int
+    items: list[ReviewItem]
+
+
+class DuplicateGroup(BaseModel):
+    size: int
+    min_cosine: float = Field(description="lowest cosine similarity between two members")
+    images: list[ImageItem] = Field(description=f"the members (at most {GROUP_MEMBERS_MAX})")
+
+
+class DuplicatesResponse(BaseModel):
+    threshold: float
+    images: int = Field(description="images compared")
+    duplicates: int = Field(description="images that are a near-duplicate of another (group sizes minus one)")
+    total: int = Field(description="groups found")
+    offset: int
+    limit: int
+    groups: list[DuplicateGroup] = Field(description="largest first")

@@ -3,7 +3,8 @@
 An index directory holds::
 
     manifest.json   fingerprint (+ description), backbone, tap, kind, parameters, memory,
-                    recall@10 against exact search, update history (plain JSON)
+                    recall@10 against exact search, the source cache (id and resolved path),
+                    update history (plain JSON)
     index.faiss     faiss IndexIDMap2 over Flat / HNSWFlat, or IVFFlat with its own ids (inner product)
     ids.npy         int64 ids (the cache's image-table row for cached images)
     keys.npy        the keys, fixed-width unicode (no pickle)
@@ -14,6 +15,10 @@ An index directory holds::
 Vectors are L2-normalised before they are added or searched, so inner product is cosine.
 ``auto`` picks exact search below ``AUTO_EXACT_BELOW`` vectors and HNSW above. Growing
 the cache or removing images updates the index in place (``update_from_cache``).
+
+An index belongs to the one cache it was built from (its ids are that cache's row numbers):
+meeting any other cache, even of the same fingerprint, raises ``CacheMismatch``. The cache is
+known by its ``uid``; an index from before uids existed is matched by the cache's resolved path.
 This module does not import torch.
 """
 
@@ -22,7 +27,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
@@ -30,7 +35,8 @@ import faiss
 import numpy as np
 
 from ..errors import FingerprintMismatch, NotFoundError, UsageError
-from .cache import STATUS_OK, FeatureCache
+from .cache import FeatureCache, rows_of
+from .outputs import writable_dir
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -54,7 +60,10 @@ class IndexParams:
     target_recall: float = 0.99
     eval_queries: int = 1000
     seed: int = 0
-    extra: dict = field(default_factory=dict)
+
+
+class CacheMismatch(FingerprintMismatch):
+    """An index met a cache other than the one it was built from (same exit code and HTTP status)."""
 
 
 @dataclass
@@ -88,6 +97,55 @@ def _versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             pass
     return out
+
+
+def read_manifest(path: str | os.PathLike) -> dict:
+    """An index directory's manifest alone (cheap: no vectors, no faiss), after the format check."""
+    path = Path(path)
+    mf = path / MANIFEST
+    if not mf.is_file():
+        raise NotFoundError(f"no featcache index at {path} (run `featcache index --cache DIR --out {path}`)")
+    manifest = json.loads(mf.read_text())
+    if manifest.get("featcache_index", {}).get("format") != FORMAT:
+        raise UsageError(f"{path} is not a featcache index of format {FORMAT}")
+    return manifest
+
+
+def check_fingerprint(manifest: dict, fingerprint: str, tap: str | None = None) -> None:
+    """Refuse vectors of another fingerprint (or tap) than the index holds."""
+    if fingerprint != manifest["fingerprint"]:
+        raise FingerprintMismatch(
+            f"index was built on fingerprint {manifest['fingerprint']} ({manifest['backbone'].get('name')}), "
+            f"but the vectors have fingerprint {fingerprint}; build an index from a cache of this backbone")
+    if tap is not None and tap != manifest["tap"]:
+        raise FingerprintMismatch(f"index holds tap {manifest['tap']!r}, vectors are tap {tap!r}")
+
+
+def check_cache(manifest: dict, cache: FeatureCache) -> None:
+    """Refuse a cache other than the one the index was built from: the index's ids are its row numbers.
+
+    An index that recorded the cache's uid needs that uid. One built before caches had uids
+    (or from a cache that had none yet) is matched by the cache's resolved path instead; one
+    built from raw vectors (no source cache) has nothing to compare and is accepted.
+    """
+    src = manifest.get("source") or {}
+    built_uid, built_path = src.get("cache_uid"), src.get("cache")
+    here = str(cache.root.resolve())
+    if built_uid:
+        same = built_uid == cache.uid
+    elif built_path:
+        same = built_path == here
+    else:
+        return
+    if not same:
+        raise CacheMismatch(
+            f"this index was built from cache {built_path} (id {built_uid or 'none'}), not from cache {here} "
+            f"(id {cache.uid or 'none'}); its ids are row numbers of its own cache: build a separate index "
+            f"for {here} (featcache index --cache {here} --out NEW_DIR)")
+
+
+def _source(cache: FeatureCache) -> dict:
+    return {"cache": str(cache.root.resolve()), "cache_uid": cache.uid}
 
 
 def _exact_topk(base: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
@@ -265,10 +323,11 @@ class VectorIndex:
         return int(faiss.serialize_index(self.index).nbytes + self._ids.nbytes + self._keys.nbytes + self._sha.nbytes)
 
     def save(self, out: str | os.PathLike) -> Path:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
+        """Write the index directory; a path that cannot be written raises OSError (the CLI's exit code 8)."""
+        out = writable_dir(out)
         tmp = out / (INDEX_FILE + ".tmp")
-        faiss.write_index(self.index, str(tmp))
+        with open(tmp, "wb") as f:  # through Python's file: a failed write is an OSError naming its cause
+            faiss.write_index(self.index, faiss.PyCallbackIOWriter(f.write))
         os.replace(tmp, out / INDEX_FILE)
         np.save(out / "ids.npy", self._ids)
         np.save(out / "keys.npy", self._keys)
@@ -282,12 +341,7 @@ class VectorIndex:
     @classmethod
     def load(cls, path: str | os.PathLike) -> VectorIndex:
         path = Path(path)
-        mf = path / MANIFEST
-        if not mf.is_file():
-            raise NotFoundError(f"no featcache index at {path} (run `featcache index --cache DIR --out {path}`)")
-        manifest = json.loads(mf.read_text())
-        if manifest.get("featcache_index", {}).get("format") != FORMAT:
-            raise UsageError(f"{path} is not a featcache index of format {FORMAT}")
+        manifest = read_manifest(path)
         index = faiss.read_index(str(path / INDEX_FILE))
         deleted = np.load(path / "deleted.npy") if (path / "deleted.npy").is_file() else None
         return cls(index, np.load(path / "ids.npy"), np.load(path / "keys.npy"), np.load(path / "sha256.npy"),
@@ -295,12 +349,7 @@ class VectorIndex:
 
     # -- queries ------------------------------------------------------------------
     def check(self, fingerprint: str, tap: str | None = None) -> None:
-        if fingerprint != self.fingerprint:
-            raise FingerprintMismatch(
-                f"index was built on fingerprint {self.fingerprint} ({self.manifest['backbone'].get('name')}), "
-                f"but the vectors have fingerprint {fingerprint}; build an index from a cache of this backbone")
-        if tap is not None and tap != self.manifest["tap"]:
-            raise FingerprintMismatch(f"index holds tap {self.manifest['tap']!r}, vectors are tap {tap!r}")
+        check_fingerprint(self.manifest, fingerprint, tap)
 
     def search(self, queries: np.ndarray, k: int = 10, exclude: list[int | None] | None = None) -> list[list[Hit]]:
         """Top-k hits per query row (cosine, best first); ``exclude`` drops one id per query."""
@@ -376,7 +425,9 @@ class VectorIndex:
         return len(ids)
 
     def update_from_cache(self, cache: FeatureCache, prune_missing_files: bool = True) -> dict:
-        """Bring the index in line with the cache: add new rows, remove rows whose image is gone."""
+        """Bring the index in line with its own cache (``CacheMismatch`` for another): add new rows, remove gone ones."""
+        check_cache(self.manifest, cache)
+        self.manifest["source"] = {**self.manifest.get("source", {}), **_source(cache)}  # adopts a uid given since
         ids, keys, shas, vectors, paths = cache_rows(cache, self.fingerprint, self.manifest["tap"])
         current = set(ids.tolist())
         if prune_missing_files:
@@ -399,32 +450,36 @@ class VectorIndex:
 
 
 def cache_rows(cache: FeatureCache, fingerprint: str, tap: str):
-    """(ids, keys, sha256, vectors, paths) of a cache's ok rows; ids are image-table rows."""
+    """(ids, keys, sha256, vectors, paths) of a cache's ok rows (``read`` drops failed ones); ids are image-table rows."""
     feats = cache.read(fingerprint, tap)
     imgs = cache.images()
-    row = {s: i for i, s in enumerate(imgs.sha256.tolist())}
-    ids = np.array([row[s] for s in feats.sha256.tolist()], dtype=np.int64)
+    ids = rows_of(imgs.sha256, feats.sha256)
     paths = imgs.path[ids] if len(ids) else np.array([], dtype=str)
-    ok = feats.status == STATUS_OK
-    return ids[ok], feats.keys[ok], feats.sha256[ok], feats.vectors[ok], np.asarray(paths)[ok]
+    return ids, feats.keys, feats.sha256, feats.vectors, np.asarray(paths)
 
 
 def build_from_cache(cache_dir: str | os.PathLike, out: str | os.PathLike, fingerprint: str | None = None,
                      tap: str = "final", params: IndexParams | None = None) -> dict:
-    """Build a new index from a cache, or update the one at ``out`` in place; returns a summary."""
+    """Build a new index from a cache, or update the one at ``out`` in place; returns a summary.
+
+    Refuses, before any work: an index at ``out`` from another cache (``CacheMismatch``) or of
+    another fingerprint or tap, and an ``out`` that cannot be written (OSError).
+    """
     cache = FeatureCache(cache_dir)
     fp = cache.resolve_fingerprint(fingerprint)
     attrs = cache.group_attrs(fp)
     t0 = time.perf_counter()
+    writable_dir(out)
     if (Path(out) / MANIFEST).is_file():
+        manifest = read_manifest(out)  # refuse from the manifest, before the index loads
+        check_fingerprint(manifest, fp, tap)
+        check_cache(manifest, cache)
         vi = VectorIndex.load(out)
-        vi.check(fp, tap)
         summary = {"action": "updated", **vi.update_from_cache(cache)}
     else:
         ids, keys, shas, vectors, _ = cache_rows(cache, fp, tap)
         vi = VectorIndex.build(vectors, ids, keys, shas, fingerprint=fp, canon=attrs["fingerprint"],
-                               backbone=attrs["backbone"], tap=tap, params=params,
-                               source={"cache": str(Path(cache_dir).resolve())})
+                               backbone=attrs["backbone"], tap=tap, params=params, source=_source(cache))
         summary = {"action": "built"}
     vi.save(out)
     return {**summary, "index": str(out), "seconds": round(time.perf_counter() - t0, 2), **vi.stats()}

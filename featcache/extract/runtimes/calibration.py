@@ -48,6 +48,7 @@ class Calibration:
         """
         from ...errors import FeatcacheError
         from ..decode import load_image
+        from ..stages import read_file
 
         if self.recorded:
             raise FingerprintMismatch(
@@ -55,12 +56,12 @@ class Calibration:
                 "were not found: pass the cache that holds them (or re-extract with --precision int8)")
         out = []
         for sha, path in self.files:
-            data = Path(path).read_bytes()
-            if hashlib.sha256(data).hexdigest() != sha:
+            read = read_file(path)
+            if read.sha256 != sha:
                 raise FingerprintMismatch(f"calibration image {path} changed since it was chosen; its old content "
                                           f"{sha[:16]} is what the int8 fingerprint records")
             try:
-                out.append(load_image(data, pre).numpy())
+                out.append(load_image(read.data, pre).numpy())
             except FeatcacheError:
                 continue
         if not out:
@@ -71,17 +72,17 @@ class Calibration:
     def from_files(cls, paths: list[Path], keys: list[str] | None = None, n: int = CALIBRATION_IMAGES,
                    source: str = "") -> Calibration:
         """Up to ``n`` distinct images of ``paths``: those whose key hashes lowest (a fixed random sample)."""
+        from ..stages import read_file
+
         keys = keys or [p.name for p in paths]
         order = sorted(range(len(paths)), key=lambda i: hashlib.sha256(keys[i].encode()).digest())
         chosen: dict[str, Path] = {}
         for i in order:
             if len(chosen) >= n:
                 break
-            try:
-                data = Path(paths[i]).read_bytes()
-            except OSError:
-                continue
-            chosen.setdefault(hashlib.sha256(data).hexdigest(), Path(paths[i]))
+            read = read_file(paths[i])  # regular files only, bounded: a CSV may list a FIFO or /dev/zero
+            if read.data is not None:
+                chosen.setdefault(read.sha256, Path(paths[i]))
         return cls(tuple(sorted(chosen.items())), source)
 
     @classmethod
@@ -89,7 +90,7 @@ class Calibration:
         """The sample of an extract SOURCE (folder or CSV)."""
         from ..sources import list_source
 
-        items, _ = list_source(source, "none")
+        items = list_source(source, "none").items
         if not items:
             raise UsageError(f"{source} holds no images to calibrate int8 on")
         return cls.from_files([it.path for it in items], [it.key for it in items], n, source)

@@ -7,6 +7,7 @@ import asyncio
 import numpy as np
 from fastapi import APIRouter, Depends, File, Form, Path, UploadFile
 
+from ...errors import UsageError
 from ..deps import get_state, require_form
 from ..embedding import embed_upload
 from ..models import ClassifyResponse, LabelScore, ReloadResponse
@@ -16,20 +17,28 @@ router = APIRouter(prefix="/v1", tags=["classify"])
 
 
 @router.post("/classify", response_model=ClassifyResponse, dependencies=[Depends(require_form)])
-async def classify(image: UploadFile = File(description="the image file"),
+async def classify(image: UploadFile | None = File(None, description="the image file (or give sha256)"),
+                   sha256: str | None = Form(None, pattern="^[0-9a-f]{64}$",
+                                             description="a cached image's content hash (or give image): "
+                                                         "its cached vector is classified, with no model work"),
                    head: str | None = Form(None, max_length=128, description="head name (optional with one head)"),
                    top_k: int = Form(5, ge=1, le=100, description="how many labels to return"),
                    state: ServiceState = Depends(get_state)) -> ClassifyResponse:
-    """Class probabilities from a named head over the image's embedding."""
+    """Class probabilities from a named head over an uploaded image's embedding or a cached image's vector."""
+    if (image is None) == (sha256 is None):
+        raise UsageError("give exactly one of: an image file, or a sha256")
     loaded = state.heads.get(head)  # hold this head for the whole request, even if it is reloaded meanwhile
     timings: dict[str, float] = {}
-    out = await embed_upload(state, image, timings)
+    if image is not None:
+        vec = (await embed_upload(state, image, timings))[loaded.bundle.tap]
+    else:
+        vec = await asyncio.to_thread(state.catalogue.vector, sha256, loaded.bundle.tap)
     with state.metrics.time("head", timings):  # off the event loop: a kNN head searches its references
-        proba = (await asyncio.to_thread(loaded.bundle.predict_proba, out[loaded.bundle.tap][None], state.fingerprint))[0]
+        proba = (await asyncio.to_thread(loaded.bundle.predict_proba, vec[None], state.fingerprint))[0]
     order = np.argsort(-proba)[:top_k]
     labels = loaded.bundle.labels
-    return ClassifyResponse(head=loaded.name, fingerprint=state.fingerprint, label=labels[int(order[0])],
-                            top=[LabelScore(label=labels[int(i)], probability=float(proba[i])) for i in order],
+    return ClassifyResponse(head=loaded.name, fingerprint=state.fingerprint, label=str(labels[int(order[0])]),
+                            top=[LabelScore(label=str(labels[int(i)]), probability=float(proba[i])) for i in order],
                             timings_ms=timings)
 
 

@@ -1,10 +1,9 @@
-"""Liveness, readiness and Prometheus metrics."""
+"""Liveness and readiness: open without the API key, so probes need no secret."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..models import HealthResponse
 
@@ -23,9 +22,3 @@ async def readyz(request: Request):
     if getattr(request.app.state, "fc", None) is None:
         return JSONResponse({"status": "loading"}, status_code=503)
     return HealthResponse(status="ready")
-
-
-@router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
-async def metrics(request: Request) -> Response:
-    """Prometheus text: stage timings (decode, model, head, search), requests, batch sizes."""
-    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -21,7 +21,7 @@ async def search(image: UploadFile | None = File(None, description="an image fil
                  key: str | None = Form(None, max_length=4096, description="an indexed image key (or give image)"),
                  k: int = Form(10, ge=1, le=K_MAX, description="how many neighbours"),
                  state: ServiceState = Depends(get_state)) -> SearchResponse:
-    """Cosine nearest neighbours; a key's own entry is left out of its results."""
+    """Cosine nearest neighbours, with their labels; a key's own entry is left out of its results."""
     index = state.index
     if index is None:
         raise NotFoundError("this server has no index; start it with --index INDEX_DIR")
@@ -42,5 +42,6 @@ async def search(image: UploadFile | None = File(None, description="an image fil
     else:
         with state.metrics.time("search", timings):
             hits = await run(index.search_key, key, k)
+    label = state.catalogue.label_of
     return SearchResponse(query_key=key, k=k, timings_ms=timings,
-                          hits=[SearchHit(key=h.key, sha256=h.sha256, score=h.score) for h in hits])
+                          hits=[SearchHit(key=h.key, sha256=h.sha256, score=h.score, label=label(h.sha256)) for h in hits])

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import math
 import time
 
 import numpy as np
 import torch
-from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
-from .heads import Head, _softmax, as_features, set_threads, stratified_holdout
+from ..schedule import warmup_cosine
+from ..splits import stratified_holdout
+from ..threads import set_threads
+from .base import Head, as_decision, float64_rows, softmax
 
 
 class MLPHead(Head):
@@ -24,6 +25,8 @@ class MLPHead(Head):
     """
 
     kind = "mlp"
+    state_names = ("mean_", "scale_", "w1_", "b1_", "w2_", "b2_")
+    derived = ("_module",)
 
     def __init__(self, hidden: int = 512, dropout: float = 0.3, lr: float = 1e-3, weight_decay: float = 1e-4,
                  batch_size: int = 512, max_epochs: int = 40, patience: int = 4, val_fraction: float = 0.1,
@@ -45,10 +48,8 @@ class MLPHead(Head):
 
     def fit(self, X, y) -> MLPHead:
         t0 = time.perf_counter()
-        X = as_features(X)
+        X, y_idx = self._fit_inputs(X, y)
         set_threads(self.threads, X.size)
-        y_idx = self._encode(y)
-        self.n_features_in_ = X.shape[1]
         self.mean_ = X.mean(axis=0)
         scale = X.std(axis=0)
         scale[scale < 1e-6] = 1.0
@@ -56,6 +57,8 @@ class MLPHead(Head):
         Xs = torch.from_numpy((X - self.mean_) / self.scale_)
         yt = torch.from_numpy(y_idx)
         tr, va = stratified_holdout(y_idx, self.val_fraction, self.random_state)
+        if len(va) == 0:  # no class has two rows: early stopping watches the training loss instead
+            va = tr
         torch.manual_seed(self.random_state)
         gen = torch.Generator().manual_seed(self.random_state)
         net = self._net(X.shape[1], len(self.classes_))
@@ -72,11 +75,8 @@ class MLPHead(Head):
             perm = torch.randperm(len(tr), generator=gen)
             for i in range(0, len(tr), self.batch_size):
                 # linear warm-up over the first epoch, then cosine decay to zero at the planned end
-                total = epochs * per_epoch
-                frac = step / total
-                scale = min(1.0, (step + 1) / per_epoch) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
                 for g in opt.param_groups:
-                    g["lr"] = self.lr * scale
+                    g["lr"] = self.lr * warmup_cosine(step, per_epoch, epochs * per_epoch)
                 j = perm[i : i + self.batch_size]
                 opt.zero_grad(set_to_none=True)
                 nn.functional.cross_entropy(net(Xtr[j]), ytr[j]).backward()
@@ -98,35 +98,32 @@ class MLPHead(Head):
             if epoch == 0 and self.max_seconds:  # plan the schedule to end inside the time budget
                 spent = time.perf_counter() - t0
                 epochs = max(2, min(self.max_epochs, int(self.max_seconds / max(spent, 1e-6))))
-        net.load_state_dict(best_state)
+        if best_state is not None:  # None only if every validation loss was NaN (diverged): keep the last
+            net.load_state_dict(best_state)
         self.n_epochs_ = len(self.history_)
         self.best_epoch_ = int(np.argmin([h["val_loss"] for h in self.history_])) + 1
         sd = net.state_dict()
         self.w1_, self.b1_ = sd["0.weight"].numpy(), sd["0.bias"].numpy()
         self.w2_, self.b2_ = sd["3.weight"].numpy(), sd["3.bias"].numpy()
-        self._module = None
+        self._prepare()
         return self
 
-    def _module_eval(self) -> nn.Sequential:
-        if getattr(self, "_module", None) is None:
-            net = self._net(self.w1_.shape[1], self.w2_.shape[0])
-            net.load_state_dict({"0.weight": torch.from_numpy(self.w1_), "0.bias": torch.from_numpy(self.b1_),
-                                 "3.weight": torch.from_numpy(self.w2_), "3.bias": torch.from_numpy(self.b2_)})
-            self._module = net.eval()
-        return self._module
+    def _prepare(self) -> None:
+        net = self._net(self.w1_.shape[1], self.w2_.shape[0])
+        net.load_state_dict({"0.weight": torch.from_numpy(self.w1_), "0.bias": torch.from_numpy(self.b1_),
+                             "3.weight": torch.from_numpy(self.w2_), "3.bias": torch.from_numpy(self.b2_)})
+        self._module = net.double().eval()
+
+    def _logits(self, X: np.ndarray) -> np.ndarray:
+        def scores(rows: np.ndarray) -> np.ndarray:
+            with torch.inference_mode():
+                return self._module(torch.from_numpy(rows)).numpy()
+
+        return float64_rows(scores, (X - self.mean_) / self.scale_)
 
     def decision_function(self, X) -> np.ndarray:
-        check_is_fitted(self, "w1_")
-        Xs = torch.from_numpy((as_features(X) - self.mean_) / self.scale_)
-        with torch.inference_mode():
-            return self._module_eval()(Xs).numpy()
+        """The network's class scores; for two classes one score, > 0 for ``classes_[1]``."""
+        return as_decision(self._logits(self._features(X)))
 
     def predict_proba(self, X) -> np.ndarray:
-        return _softmax(self.decision_function(X).copy())
-
-    def state(self) -> dict[str, np.ndarray]:
-        return {"mean_": self.mean_, "scale_": self.scale_, "w1_": self.w1_, "b1_": self.b1_,
-                "w2_": self.w2_, "b2_": self.b2_}
-
-    def _dim(self) -> int:
-        return self.w1_.shape[1]
+        return softmax(self._logits(self._features(X)))

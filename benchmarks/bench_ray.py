@@ -1,0 +1,169 @@
+"""The Ray engine against the local engine, side by side, and what one writer can commit.
+
+One run, the same 1,000 JPEGs of 500x375 (made from the 20 real ImageNet photos, as in
+bench_extract.py), default Lite0, fresh caches:
+
+  local           featcache extract --engine local
+  ray, running    --engine ray on a Ray cluster already running on this machine (the cluster's
+                  start is timed apart: a cluster is a long-lived service)
+  ray, own        --engine ray starting (and stopping) a one-machine cluster itself
+
+and the writer's capacity with a stand-in embedder (random 1280-d float32 vectors, no model):
+
+  writer alone    CacheWriter.register + add + commit, in this process
+  through Ray     a Ray Data stage of stand-in actors -> iter_batches -> the same writer (what the
+                  driver commits when the cluster delivers faster than it can write)
+
+    python benchmarks/bench_ray.py [--images 1000] [--writer-rows 50000]
+
+Writes benchmarks/results/ray.json and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_extract import make_jpegs  # noqa: E402
+from record import RESULTS, save  # noqa: E402
+
+from featcache.extract.pipeline import ExtractConfig, Extraction  # noqa: E402
+from featcache.extract.sources import Item  # noqa: E402
+from featcache.extract.writer import CacheWriter  # noqa: E402
+from featcache.runtime import available_cpus  # noqa: E402
+from featcache.store.cache import FeatureCache  # noqa: E402
+
+DIM = 1280
+
+
+def extract(src: Path, cache: Path, **kw) -> dict:
+    t = time.perf_counter()
+    s = Extraction(ExtractConfig(str(src), str(cache), progress=False, **kw)).run()
+    wall = time.perf_counter() - t
+    assert s["extracted"] == s["files"], s
+    return {"wall_s": round(wall, 2), "images_per_s": round(s["extracted"] / wall, 2), "timings": s["timings"],
+            "fingerprint": s["fingerprint"]}
+
+
+def _standin_writer(root: Path, commit_every: int) -> tuple[FeatureCache, CacheWriter]:
+    cache = FeatureCache(root, create=True)
+    canon = {"arch": "stand-in", "dim": DIM}
+    group = cache.feature_group("standin", canon, {"name": "stand-in"}, {"final": DIM})
+    return cache, CacheWriter(cache, group, commit_every)
+
+
+def writer_alone(root: Path, rows: int, commit_every: int) -> dict:
+    """Committed rows/s of the writer fed from memory: the ceiling of one driver."""
+    _, w = _standin_writer(root, commit_every)
+    vecs = np.random.default_rng(0).standard_normal((1024, DIM)).astype(np.float32)
+    items = [Item(Path(f"/data/c{i % 10}/img{i:08d}.jpg"), f"c{i % 10}/img{i:08d}.jpg", f"c{i % 10}")
+             for i in range(rows)]
+    shas = [f"{i:064x}" for i in range(rows)]
+    t = time.perf_counter()
+    for i in range(rows):
+        _, row = w.register(items[i], shas[i])
+        w.add(row, {"final": vecs[i % 1024]})
+    w.commit()
+    dt = time.perf_counter() - t
+    return {"rows": rows, "commit_every": commit_every, "seconds": round(dt, 3), "rows_per_s": round(rows / dt),
+            "MB_per_s": round(rows * DIM * 4 / dt / 1e6, 1)}
+
+
+class StandIn:
+    """A stand-in embedding actor: a vector per row, no model."""
+
+    def __call__(self, batch: dict) -> dict:
+        n = len(batch["id"])
+        rng = np.random.default_rng(int(batch["id"][0]))
+        return {"id": batch["id"], "vector": rng.standard_normal((n, DIM)).astype(np.float32)}
+
+
+def writer_through_ray(root: Path, rows: int, commit_every: int) -> dict:
+    """Committed rows/s when stand-in actors deliver rows as fast as Ray Data can stream them."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    _, w = _standin_writer(root, commit_every)
+    ds = ray.data.range(rows, override_num_blocks=max(1, rows // 256))
+    ds = ds.map_batches(StandIn, batch_size=256, batch_format="numpy", num_cpus=0.5, compute=ActorPoolStrategy(size=2))
+    t = time.perf_counter()
+    for b in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1):
+        for i, v in zip(b["id"].tolist(), b["vector"]):
+            _, row = w.register(Item(f"/data/img{i:08d}.jpg", f"img{i:08d}.jpg", ""), f"{i:064x}")
+            w.add(row, {"final": v})
+    w.commit()
+    dt = time.perf_counter() - t
+    return {"rows": rows, "commit_every": commit_every, "seconds": round(dt, 3), "rows_per_s": round(rows / dt)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=1000)
+    ap.add_argument("--writer-rows", type=int, default=50000)
+    ap.add_argument("--out", default=str(RESULTS / "ray.json"))
+    args = ap.parse_args()
+    os.environ.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0", RAY_worker_niceness="0")
+    import ray
+
+    work = Path(tempfile.mkdtemp(prefix="bench-ray-"))
+    try:
+        src = work / "jpegs"
+        make_jpegs(src, args.images)
+        res: dict = {"machine": {"cpu": platform.processor() or _cpu_model(), "cpus": available_cpus(),
+                                 "ray": ray.__version__}, "images": args.images}
+        res["local"] = extract(src, work / "local")
+        t = time.perf_counter()
+        ray.init(num_cpus=available_cpus(), object_store_memory=512 * 2**20, include_dashboard=False,
+                 logging_level="ERROR", log_to_driver=False)
+        res["cluster_start_s"] = round(time.perf_counter() - t, 2)
+        res["ray_running"] = extract(src, work / "ray-running", engine="ray")
+        res["writer_through_ray"] = writer_through_ray(work / "w-ray", args.writer_rows, 512)
+        ray.shutdown()
+        res["ray_own_cluster"] = extract(src, work / "ray-own", engine="ray")
+        res["local_again"] = extract(src, work / "local2")
+        res["writer_alone"] = [writer_alone(work / f"w-{c}", args.writer_rows, c) for c in (512, 4096)]
+        local = (res["local"]["images_per_s"] + res["local_again"]["images_per_s"]) / 2
+        res["ratios"] = {"ray_running_vs_local": round(res["ray_running"]["images_per_s"] / local, 3),
+                         "ray_own_cluster_vs_local": round(res["ray_own_cluster"]["images_per_s"] / local, 3)}
+        same = FeatureCache(work / "local").read(), FeatureCache(work / "ray-running").read()
+        a, b = (f.vectors[np.argsort(f.sha256)] for f in same)
+        res["min_cosine_ray_vs_local"] = float(((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).min())
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    save(res, args.out)
+    print(markdown(res))
+
+
+def _cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "?"
+
+
+def markdown(r: dict) -> str:
+    rows = [("local engine", r["local"]), ("ray, cluster already running", r["ray_running"]),
+            ("ray, starting its own cluster", r["ray_own_cluster"]), ("local engine again", r["local_again"])]
+    lines = [f"{r['images']} JPEGs, {r['machine']['cpu']}, {r['machine']['cpus']} CPUs, Ray {r['machine']['ray']}",
+             "", "| run | wall s | images/s |", "|---|---|---|"]
+    lines += [f"| {name} | {x['wall_s']} | {x['images_per_s']} |" for name, x in rows]
+    lines += ["", f"cluster start (not in 'already running'): {r['cluster_start_s']} s; ratios: {r['ratios']}; "
+              f"min cosine ray vs local {r['min_cosine_ray_vs_local']:.7f}", "",
+              "| writer (1280-d float32 rows) | commit every | rows/s |", "|---|---|---|"]
+    lines += [f"| alone | {w['commit_every']} | {w['rows_per_s']:,} ({w['MB_per_s']} MB/s) |" for w in r["writer_alone"]]
+    w = r["writer_through_ray"]
+    lines.append(f"| through Ray Data (stand-in actors) | {w['commit_every']} | {w['rows_per_s']:,} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,296 @@
+"""The Ray Data engine: the same stages on a Ray cluster, results streamed back to the one writer.
+
+    from_items(listing) -> read+sha256 (tasks) -> decode (tasks) -> embed (actor pool) -> iter_batches -> writer
+
+- Every file is read once, in a task: the bytes hashed are the bytes decoded. Content the
+  fingerprint already holds (a sorted array of sha256 digests, one ``ray.put``) keeps its row
+  but loses its bytes there, so it never reaches the model; its metadata still reaches the
+  writer, which refreshes moved or renamed files exactly as the local engine does.
+- Each actor builds its ``Embedder`` once, lazily (a run with nothing new loads no model), from
+  the stored spec and checks that it reproduces the driver's fingerprint, so a node running other
+  code fails loudly instead of writing other vectors.
+- On a CPU-only cluster the read and decode tasks ask for the same resources as the actors, and
+  Ray Data fuses the three stages into the actor processes: no pixels cross the object store and
+  each process alternates decode and model on its own core (measured faster than separate tasks
+  on small nodes). With GPU actors the read and decode tasks run apart on every node's CPUs.
+- Faults: Ray Data restarts killed actors and retries killed tasks (its defaults); a killed
+  driver loses only rows not yet committed, which the next run computes (the ledger).
+- Bad files are rows with a reason, exactly as locally; an exception in a stage fails the job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ...errors import FeatcacheError, FingerprintMismatch, UsageError
+from ...runtime import available_cpus
+from ..sources import Item
+from ..spec import Preprocess
+from ..stages import decode_bytes, read_file
+from ..writer import CacheWriter
+
+if TYPE_CHECKING:
+    from ...progress import Progress
+    from ..pipeline import Extraction
+
+RAY_HINT = "--engine ray needs Ray: pip install 'featcache[ray]' (or pip install 'ray[data]')"
+LOCAL_STORE_BYTES = 512 * 1024 * 1024  # object store of a cluster started here (pixels of ~3,000 images)
+NEW, CACHED, FAILED, UNREADABLE = "new", "cached", "failed", "unreadable"
+
+
+def require_ray(address: str | None = None):
+    """The ``ray`` module, or a one-line UsageError naming what to install.
+
+    Without an address the cluster is this machine alone: every Ray process then uses loopback
+    (the variable is read when ray is imported).
+    """
+    if not address:
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage reports over the network
+    os.environ.setdefault("RAY_worker_niceness", "0")  # workers at the writer's priority
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError:
+        raise UsageError(RAY_HINT) from None
+    return ray
+
+
+# -- stages: module level, so workers import them by reference and keep module state -------------
+_KNOWN: dict[str, np.ndarray] = {}
+
+
+def _known(box: list) -> np.ndarray:
+    """A sorted digest array, fetched once per worker (a read-only view of the node's object store)."""
+    import ray
+
+    key = box[0].hex()
+    if key not in _KNOWN:
+        if len(_KNOWN) > 16:  # arrays of finished runs
+            _KNOWN.clear()
+        _KNOWN[key] = ray.get(box[0])
+    return _KNOWN[key]
+
+
+def _holds(known: np.ndarray, digest: bytes) -> bool:
+    j = np.searchsorted(known, digest)
+    # compare the raw 32 bytes: a numpy bytes element drops trailing NULs (1 digest in 256 ends in one)
+    return bool(j < len(known) and known[j : j + 1].tobytes() == digest)
+
+
+def read_batch(batch: dict, known_boxes: list[list], max_bytes: int) -> dict:
+    """Read and hash each file once; ``need`` says which backbones lack it. Content every backbone
+    holds keeps its row, not its bytes."""
+    t = time.perf_counter()
+    known = [_known(box) for box in known_boxes]
+    n = len(batch["path"])
+    data, sha, status, error = [b""] * n, [""] * n, [NEW] * n, [""] * n
+    need = np.zeros((n, len(known)), np.bool_)
+    for i, raw in enumerate(batch["path"]):
+        r = read_file(os.fsdecode(bytes(raw)), max_bytes)
+        if r.error:
+            status[i], error[i] = UNREADABLE, r.error
+            continue
+        sha[i] = r.sha256
+        digest = bytes.fromhex(r.sha256)
+        need[i] = [not _holds(k, digest) for k in known]
+        if need[i].any():
+            data[i] = r.data
+        else:
+            status[i] = CACHED
+    out = {k: batch[k] for k in ("path", "key", "label")}
+    out.update(data=np.array(data, dtype=object), sha256=np.array(sha), status=np.array(status),
+               error=np.array(error), need=need, t_read=np.full(n, (time.perf_counter() - t) / n))
+    return out
+
+
+_PRE: dict[str, Preprocess] = {}
+
+
+def decode_batch(batch: dict, preprocess: list[dict], max_pixels: int) -> dict:
+    """New files' bytes to uint8 pixels for each backbone (decoded once); a file that does not decode
+    becomes a failed row with its reason."""
+    import torch
+
+    torch.set_num_threads(1)  # one decode per CPU the task holds
+    pres = [_PRE.setdefault(repr(p), Preprocess.from_dict(p)) for p in preprocess]
+    n = len(batch["path"])
+    pixels = [np.zeros((n, 3, pre.crop, pre.crop), np.uint8) for pre in pres]
+    status, error = batch["status"].astype(object), batch["error"].astype(object)
+    t = time.perf_counter()
+    for i in np.flatnonzero(batch["status"] == NEW):
+        res = decode_bytes(bytes(batch["data"][i]), pres, max_pixels)
+        if isinstance(res, str):
+            status[i], error[i] = FAILED, res
+        else:
+            for k, x in enumerate(res):
+                pixels[k][i] = x
+    out = {k: v for k, v in batch.items() if k != "data"}  # the bytes are dead weight from here on
+    out.update({f"pixels:{k}": p for k, p in enumerate(pixels)})
+    out.update(status=status.astype(str), error=error.astype(str), t_decode=np.full(n, (time.perf_counter() - t) / n))
+    return out
+
+
+class EmbedActor:
+    """One embedder per backbone per actor, built on the first image that needs it (from the stored spec,
+    its fingerprint checked against the driver's)."""
+
+    def __init__(self, targets: list[dict], device: str, threads: int, batch_size: int):
+        self.targets, self.device, self.threads, self.batch_size = targets, device, threads, batch_size
+        self.embedders: dict[int, object] = {}
+
+    def _embedder(self, k: int):
+        if k not in self.embedders:
+            import torch
+
+            from ..embedder import embedder_for
+
+            t = self.targets[k]
+            torch.set_num_threads(self.threads)
+            emb = embedder_for(t["description"], t["canon"], sorted(t["taps"]), self.device, self.threads)
+            if emb.fingerprint != t["fingerprint"]:
+                raise FingerprintMismatch(f"a Ray worker computes fingerprint {emb.fingerprint}, the driver "
+                                          f"{t['fingerprint']}: install the same featcache and weights on every node")
+            self.embedders[k] = emb
+        return self.embedders[k]
+
+    def __call__(self, batch: dict) -> dict:
+        import torch
+
+        n = len(batch["key"])
+        out = {c: v for c, v in batch.items() if not c.startswith("pixels:")}
+        t = time.perf_counter()
+        for k, target in enumerate(self.targets):
+            vectors = {tap: np.full((n, dim), np.nan, np.float32) for tap, dim in target["taps"].items()}
+            todo = np.flatnonzero((batch["status"] == NEW) & batch["need"][:, k])
+            if len(todo):
+                emb = self._embedder(k)
+                pad = None if emb.device.type == "cuda" else self.batch_size  # one graph shape on the CPU
+                pixels = batch[f"pixels:{k}"]
+                for s in range(0, len(todo), self.batch_size):
+                    idx = todo[s : s + self.batch_size]
+                    got = emb.embed(torch.from_numpy(np.ascontiguousarray(pixels[idx])), pad_to=pad)
+                    for tap in vectors:
+                        vectors[tap][idx] = got[tap]
+            out.update({f"tap:{k}:{tap}": v for tap, v in vectors.items()})
+        out["t_model"] = np.full(n, (time.perf_counter() - t) / n)
+        return out
+
+
+# -- driver ------------------------------------------------------------------------------------
+class RayEngine:
+    def __init__(self, ex: Extraction):
+        self.ex = ex
+        self.cfg = ex.cfg
+
+    def run(self, writer: CacheWriter, items: list[Item], progress: Progress) -> None:
+        ray = require_ray(self.cfg.ray_address)
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
+        if any(t.catch_up is not None for t in self.ex.targets):  # taps added to existing rows: computed here
+            from .local import LocalEngine
+
+            LocalEngine(self.ex).run(writer, [], progress, new=False)
+        if not items:
+            return
+        with self._connected(ray):
+            try:
+                for batch in self._dataset(ray, writer, items).iter_batches(
+                        batch_size=None, batch_format="numpy", prefetch_batches=1):
+                    self._consume(batch, writer, progress)
+            except Exception as e:  # a featcache error inside a stage: the same one-line error as locally
+                cause = getattr(e, "cause", None)
+                if isinstance(cause, FeatcacheError):
+                    raise type(cause)(str(cause)) from None
+                raise
+        writer.commit()
+
+    @contextlib.contextmanager
+    def _connected(self, ray):
+        """Join ``--ray-address`` (or the cluster this process is already connected to); else start one here."""
+        t = time.perf_counter()
+        started = not ray.is_initialized()
+        if started:
+            kw: dict = {"logging_level": "ERROR", "log_to_driver": False}
+            if self.cfg.ray_address:
+                ray.init(address=self.cfg.ray_address, **kw)
+            else:  # a one-machine cluster, on loopback only
+                ray.init(num_cpus=available_cpus(), object_store_memory=LOCAL_STORE_BYTES, include_dashboard=False,
+                         _node_ip_address="127.0.0.1", **kw)
+        self.ex.timings["ray_connect"] += time.perf_counter() - t
+        try:
+            yield
+        finally:
+            if started:
+                ray.shutdown()
+
+    def _resources(self, ray) -> tuple[int, float, float, float]:
+        """(actors, CPUs and GPUs per actor, CPUs per read/decode task) from the flags and the cluster."""
+        total = ray.cluster_resources()
+        gpus = float(total.get("GPU", 0))
+        cfg = self.cfg
+        gpa = cfg.gpus_per_actor if cfg.gpus_per_actor is not None else (1.0 if gpus else 0.0)
+        if gpa > 0 and gpus < gpa:
+            raise UsageError(f"--gpus-per-actor {gpa}: the Ray cluster has {gpus:g} GPUs")
+        cpa = cfg.cpus_per_actor or 1.0
+        actors = cfg.actors or (int(gpus // gpa) if gpa else max(1, int(total.get("CPU", 1) // cpa)))
+        if actors < 1 or cpa <= 0 or gpa < 0:
+            raise UsageError("--actors and --cpus-per-actor must be positive, --gpus-per-actor not negative")
+        task_cpus = 1.0 if gpa else cpa  # equal to the actors' on a CPU cluster: Ray Data fuses the stages
+        return actors, cpa, gpa, task_cpus
+
+    def _dataset(self, ray, writer: CacheWriter, items: list[Item]):
+        from ray.data import ActorPoolStrategy, DataContext
+
+        ctx = DataContext.get_current()
+        ctx.enable_progress_bars = False
+        ctx.print_on_execution_start = False
+        ctx.enable_auto_log_stats = False
+        ctx.raise_original_map_exception = True
+        ctx.execution_options.preserve_order = False
+
+        ex, cfg = self.ex, self.cfg
+        actors, cpa, gpa, task_cpus = self._resources(ray)
+        device = "cuda" if gpa else "cpu"
+        batch_size = cfg.batch_size or (64 if gpa else 8)
+        block = 2 * batch_size
+        # one sorted digest array per backbone; boxed: Ray Data does not resolve object refs inside fn_kwargs
+        known = [[ray.put(np.array(sorted(writer.known_digests(t.fingerprint)), dtype="S32"))] for t in ex.targets]
+        rows = [{"path": os.fsencode(str(it.path)), "key": it.key, "label": it.label} for it in items]
+        targets = [{**t.description(), "taps": dict(t.group.taps)} for t in ex.targets]
+        ds = ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // block)))
+        ds = ds.map_batches(read_batch, fn_kwargs={"known_boxes": known, "max_bytes": cfg.max_file_bytes},
+                            batch_size=block, batch_format="numpy", num_cpus=task_cpus)
+        ds = ds.map_batches(decode_batch, fn_kwargs={"preprocess": [asdict(p) for p in ex.preprocess],
+                                                     "max_pixels": cfg.max_pixels},
+                            batch_size=block, batch_format="numpy", num_cpus=task_cpus)
+        return ds.map_batches(
+            EmbedActor, fn_constructor_kwargs={"targets": targets, "device": device, "threads": max(1, int(cpa)),
+                                               "batch_size": batch_size},
+            batch_size=block, batch_format="numpy", num_cpus=cpa, num_gpus=gpa, compute=ActorPoolStrategy(size=actors))
+
+    def _consume(self, b: dict, writer: CacheWriter, progress: Progress) -> None:
+        timings = self.ex.timings
+        for stage, col in (("hash", "t_read"), ("decode", "t_decode"), ("model", "t_model")):
+            timings[stage] += float(b[col].sum())  # CPU-seconds summed over the cluster's workers
+        taps = [(k, t.fingerprint, list(t.group.taps)) for k, t in enumerate(self.ex.targets)]
+        for i in range(len(b["key"])):
+            status, key = str(b["status"][i]), str(b["key"][i])
+            if status == UNREADABLE:
+                writer.unreadable(key, str(b["error"][i]))
+                continue
+            item = Item(Path(os.fsdecode(bytes(b["path"][i]))), key, str(b["label"][i]))
+            action, row = writer.register(item, str(b["sha256"][i]))
+            if action == "new" and status == FAILED:
+                writer.add(row, str(b["error"][i]))
+            elif action == "new" and status == NEW:
+                writer.add(row, {fp: {tap: b[f"tap:{k}:{tap}"][i] for tap in names}
+                                 for k, fp, names in taps if b["need"][i, k]})
+        progress.update(len(b["key"]))
