@@ -90,7 +90,8 @@ class Target:
     def description(self) -> dict:
         """What rebuilds this embedder elsewhere (a Ray worker): ``embedder_for``'s inputs + the fingerprint."""
         emb = self._embedder
-        return {"description": emb.spec.describe(), "canon": emb.canon, "fingerprint": emb.fingerprint}
+        return {"description": emb.spec.describe(), "canon": emb.canon, "fingerprint": emb.fingerprint,
+                "runtime": emb.runtime}
 
     def open(self, cache: FeatureCache, commit_every: int) -> None:
         emb = self._embedder
