@@ -31,15 +31,14 @@ CLI = [sys.executable, "-m", "featcache.cli"]
 
 @pytest.fixture(scope="module", autouse=True)
 def model_cache(tmp_path_factory):
-    """Prepared models and recorded choices of this module live in a temporary model cache."""
+    """Prepared models and recorded choices of this module live in a temporary model cache; ``auto`` is measured."""
     root = tmp_path_factory.mktemp("models")
-    old = os.environ.get("FEATCACHE_MODEL_CACHE")
-    os.environ["FEATCACHE_MODEL_CACHE"] = str(root)
+    mp = pytest.MonkeyPatch()
+    mp.setenv("FEATCACHE_MODEL_CACHE", str(root))
+    mp.delenv(choice.RUNTIME_ENV, raising=False)  # conftest pins torch fp32 for the rest of the suite
+    mp.delenv(choice.PRECISION_ENV, raising=False)
     yield root
-    if old is None:
-        os.environ.pop("FEATCACHE_MODEL_CACHE", None)
-    else:
-        os.environ["FEATCACHE_MODEL_CACHE"] = old
+    mp.undo()
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ from . import available, check_runtime, cpu_flags, cpu_model, model_cache, nativ
 
 log = logging.getLogger(__name__)
 
+RUNTIME_ENV, PRECISION_ENV = "FEATCACHE_RUNTIME", "FEATCACHE_PRECISION"
 GATE_MIN_COSINE = 0.995
 GATE_VERSION = 1  # bump when the gate's rules change: recorded choices are then measured again
 CANDIDATES = (("torch", "fp32"), ("torch", "bf16"), ("openvino", "fp32"), ("openvino", "bf16"), ("openvino", "int8"))
@@ -207,11 +208,16 @@ def default_runtime(precision: str) -> str:
 def choose(backbone, runtime: str = "auto", precision: str = "auto", int8: bool = True) -> tuple[str, str]:
     """(runtime, precision) on this CPU. ``int8=False`` leaves int8 out of ``auto`` (no calibration images).
 
+    ``auto`` is first replaced by ``FEATCACHE_RUNTIME`` / ``FEATCACHE_PRECISION`` where set.
     Both given: checked and used. Only the precision given: the recorded fastest runtime for
     it that passed the gate (nothing is measured), else torch (OpenVINO for int8). The
     precision ``auto``: the fastest combination that passed the gate, measured now if this
     CPU has no record for the backbone yet.
     """
+    if runtime == "auto":  # a machine-wide default where the measured choice is not wanted (e.g. a test suite)
+        runtime = os.environ.get(RUNTIME_ENV, "auto")
+    if precision == "auto":
+        precision = os.environ.get(PRECISION_ENV, "auto")
     if runtime != "auto" and precision != "auto":
         check_runtime(runtime, precision, "cpu")
         return runtime, precision

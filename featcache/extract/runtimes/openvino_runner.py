@@ -69,9 +69,11 @@ def convert(module, crop: int):
 def quantise(model, images: np.ndarray, fp32_convolutions: int):
     """NNCF post-training int8 quantisation (``INT8_SCHEME``), ranges measured on ``images`` (uint8 N,3,H,W)."""
     import nncf
+    from nncf.common.logging import nncf_logger
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
     from nncf.quantization.range_estimator import RangeEstimatorParametersSet
 
+    nncf_logger.setLevel(logging.ERROR)  # per-layer notes on fallbacks are not for users
     data = nncf.Dataset([images[i : i + 1] for i in range(len(images))])
     params = AdvancedQuantizationParameters(
         overflow_fix=OverflowFix.DISABLE,  # handled below, per convolution
