@@ -168,6 +168,7 @@ class EmbedActor:
 
         n = len(batch["key"])
         out = {c: v for c, v in batch.items() if not c.startswith("pixels:")}
+        torch.set_num_threads(self.threads)  # a decode stage fused into this actor set one thread
         t = time.perf_counter()
         for k, target in enumerate(self.targets):
             vectors = {tap: np.full((n, dim), np.nan, np.float32) for tap, dim in target["taps"].items()}
