@@ -41,7 +41,7 @@ def _cached_vectors(bundle: HeadBundle, cache_dir: str | None, explicit: bool, s
 
 
 def predict(head_dir: str, images: list[str], cache: str | None = None, device: str = "auto",
-            batch_size: int = 16, top_k: int = 3) -> dict:
+            batch_size: int = 16, top_k: int = 3, runtime: str = "auto", precision: str = "auto") -> dict:
     """Labels with probabilities for ``images`` (paths); per-file errors instead of a crash."""
     bundle = load_bundle(head_dir)
     results: list[dict] = [{"image": str(p)} for p in images]
@@ -57,7 +57,8 @@ def predict(head_dir: str, images: list[str], cache: str | None = None, device: 
         results[i]["source"] = "cache"
     todo = [i for i in data if i not in vectors]
     if todo:
-        vectors.update(_embed(bundle, {i: data[i] for i in todo}, results, device, batch_size))
+        vectors.update(_embed(bundle, {i: data[i] for i in todo}, results, device, batch_size, runtime, precision,
+                              cache or bundle.manifest.get("cache")))
     ok = sorted(vectors)
     if ok:
         proba = bundle.predict_proba(np.stack([vectors[i] for i in ok]), bundle.fingerprint)
@@ -71,14 +72,16 @@ def predict(head_dir: str, images: list[str], cache: str | None = None, device: 
 
 
 def _embed(bundle: HeadBundle, data: dict[int, bytes], results: list[dict], device: str,
-           batch_size: int) -> dict[int, np.ndarray]:
+           batch_size: int, runtime: str = "auto", precision: str = "auto",
+           cache: str | None = None) -> dict[int, np.ndarray]:
     import torch
 
     from ..extract.decode import load_image
     from ..extract.embedder import embedder_for
 
     m = bundle.manifest
-    emb = embedder_for(m["backbone"], m["fingerprint_description"], [bundle.tap], device)
+    emb = embedder_for(m["backbone"], m["fingerprint_description"], [bundle.tap], device, runtime=runtime,
+                       precision=precision, cache=cache)
     bundle.check(emb.fingerprint, f"embeddings of backbone {emb.spec.name}")
     decoded: dict[int, torch.Tensor] = {}
     for i, b in data.items():

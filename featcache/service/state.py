@@ -91,7 +91,8 @@ class ServiceState:
             check_cache(self.index.manifest, plan.cache)
         attrs = plan.cache.group_attrs(plan.fingerprint)
         self.embedder = embedder_for(attrs["backbone"], attrs["fingerprint"], list(plan.taps), config.device,
-                                     threads=max(1, available_cpus() // plan.workers))
+                                     threads=max(1, available_cpus() // plan.workers), runtime=config.runtime,
+                                     precision=config.precision, cache=config.cache, streams=plan.workers)
         self.fingerprint = self.embedder.fingerprint
         self.backbone = attrs["backbone"]
         self.heads = HeadRegistry(self.fingerprint, self.embedder.taps)
