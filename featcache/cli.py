@@ -31,24 +31,58 @@ def _print(result: dict, as_json: bool, human: Callable[[dict], str]) -> None:
 # -- backbones ---------------------------------------------------------------------
 @command("backbones")
 def cmd_backbones(args: argparse.Namespace) -> dict:
-    from .extract.backbone import weights_present
-    from .extract.registry import BUILTIN, DEFAULT_BACKBONE
+    from .extract.registry import BUILTIN, DEFAULT_BACKBONE, weights_present
+    from .extract.runtimes.choice import read_records, record_path
 
-    rows = [{**s.describe(), "default": n == DEFAULT_BACKBONE, "weights_present": weights_present(s)}
-            for n, s in BUILTIN.items()]
-    result = {"backbones": rows, "also": "timm:ARCH or torchvision:ARCH with --weights PATH|download|random"}
+    if args.check:
+        from .extract.backbone import Backbone
+        from .extract.registry import resolve
+        from .extract.runtimes.choice import measure
+
+        names = args.backbone or [DEFAULT_BACKBONE]
+        gates = [measure(Backbone.load(resolve(name))) for name in names]
+        result = {"record": str(record_path()), "gates": gates}
+        _print(result, args.json, lambda r: "\n\n".join(_gate_table(g) for g in r["gates"]))
+        return result
+    chosen = {e["backbone"]: e["choice"] for e in read_records().values()}
+    rows = [{**s.describe(), "default": n == DEFAULT_BACKBONE, "weights_present": weights_present(s),
+             "auto": chosen.get(n)} for n, s in BUILTIN.items()]
+    result = {"backbones": rows, "also": "timm:ARCH or torchvision:ARCH with --weights PATH|download|random",
+              "record": str(record_path())}
 
     def human(r):
-        lines = [f"{'name':20} {'weights':8} {'input':6} description"]
+        lines = [f"{'name':20} {'weights':8} {'input':6} {'auto here':16} description"]
         for b in r["backbones"]:
             mark = "*" if b["default"] else " "
+            auto = f"{b['auto']['runtime']} {b['auto']['precision']}" if b["auto"] else "not measured"
             lines.append(f"{b['name'] + mark:20} {'present' if b['weights_present'] else 'MISSING':8} "
-                         f"{b['preprocess']['crop']:<6} {b['description']}")
+                         f"{b['preprocess']['crop']:<6} {auto:16} {b['description']}")
         lines.append("(* default)  Also: " + r["also"])
+        lines.append("auto here: the fastest runtime/precision that passed the accuracy gate on this CPU "
+                     "(featcache backbones --check measures it)")
         return "\n".join(lines)
 
     _print(result, args.json, human)
     return result
+
+
+def _gate_table(g: dict) -> str:
+    gate = g["gate"]
+    lines = [f"{g['backbone']} on {g['cpu']} ({g['cpus']} cores, batch {g['batch']}): gate = min cosine to torch fp32 "
+             f">= {gate['min_cosine']} and ImageNet top-1 >= fp32's ({gate['fp32_top1']}/{gate['photos']}) on "
+             f"{gate['photos']} real photos",
+             f"{'runtime':9} {'precision':9} {'min cos':>8} {'top-1':>6} {'img/s':>8} {'vs fp32':>8}  gate"]
+    for r in g["rows"]:
+        if not r.get("available"):
+            lines.append(f"{r['runtime']:9} {r['precision']:9} {'':>8} {'':>6} {'':>8} {'':>8}  n/a: {r['note']}")
+            continue
+        top1 = "-" if r["top1"] is None else str(r["top1"])
+        lines.append(f"{r['runtime']:9} {r['precision']:9} {r['min_cosine']:8.4f} {top1:>6} "
+                     f"{r['images_per_second']:8.1f} {r.get('speedup_vs_torch_fp32', 0):7.2f}x  "
+                     f"{'pass' if r['passes'] else 'FAIL'}")
+    c = g["choice"]
+    lines.append(f"auto: {c['runtime']} {c['precision']}" if c else "auto: nothing passed; torch fp32")
+    return "\n".join(lines)
 
 
 # -- extract -----------------------------------------------------------------------
@@ -58,7 +92,7 @@ def cmd_extract(args: argparse.Namespace) -> dict:
 
     cfg = ExtractConfig(
         source=args.source, cache=args.cache, backbone=args.backbone, weights=args.weights,
-        taps=args.taps, precision=args.precision, device=args.device, batch_size=args.batch_size,
+        taps=args.taps, precision=args.precision, runtime=args.runtime, device=args.device, batch_size=args.batch_size,
         workers=args.workers, labels=args.labels, max_pixels=args.max_pixels, progress=not args.quiet,
         commit_every=args.commit_every, max_file_bytes=args.max_file_mb * 1024 * 1024, engine=args.engine,
         ray_address=args.ray_address, actors=args.actors, gpus_per_actor=args.gpus_per_actor,
@@ -210,7 +244,8 @@ def cmd_serve(args: argparse.Namespace) -> dict:
         if not api_key:
             raise UsageError(f"API key file {args.api_key_file} is empty")
     cfg = ServiceConfig(cache=args.cache, heads=heads, index=args.index, fingerprint=args.fingerprint, api_key=api_key,
-                        device=args.device, batching={"auto": None, "on": True, "off": False}[args.batching],
+                        device=args.device, runtime=args.runtime, precision=args.precision,
+                        batching={"auto": None, "on": True, "off": False}[args.batching],
                         max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, model_workers=args.model_workers,
                         max_upload_bytes=args.max_upload_mb * 1024 * 1024, max_pixels=args.max_pixels)
     serve(cfg, args.host, args.port, log_level=args.log_level, access_log=args.access_log)
@@ -296,7 +331,8 @@ def cmd_train(args: argparse.Namespace) -> dict:
 def cmd_predict(args: argparse.Namespace) -> dict:
     from .classify.predict import predict
 
-    result = predict(args.head, args.images, cache=args.cache, device=args.device, top_k=args.top)
+    result = predict(args.head, args.images, cache=args.cache, device=args.device, top_k=args.top,
+                     runtime=args.runtime, precision=args.precision)
 
     def human(r):
         lines = []
@@ -374,6 +410,13 @@ def cmd_finetune(args: argparse.Namespace) -> dict:
     return result
 
 
+def _runtime_args(sp: argparse.ArgumentParser, auto: str) -> None:
+    sp.add_argument("--runtime", default="auto", choices=["auto", "torch", "openvino"],
+                    help="what runs the forward pass (openvino: pip install 'featcache[openvino]'); " + auto)
+    sp.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16", "int8"],
+                    help="fp16: GPU only; int8: OpenVINO on the CPU")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="featcache", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true")
@@ -384,7 +427,10 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--json", action="store_true", help="print machine-readable JSON")
         return sp
 
-    add("backbones", "list backbones and whether their weights are present")
+    sp = add("backbones", "list backbones, whether their weights are present and what auto runs here")
+    sp.add_argument("--check", action="store_true",
+                    help="measure every runtime x precision on this CPU against the accuracy gate and record auto's choice")
+    sp.add_argument("--backbone", action="append", help="backbone(s) to --check (default: the default backbone)")
 
     sp = add("extract", "embed a folder or CSV of images into the cache (resumable)")
     sp.add_argument("source", help="folder (first-level subfolders are labels) or CSV of path[,label]")
@@ -394,7 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "decoded once and embedded by each (one fingerprint each)")
     sp.add_argument("--weights", help="weights file, 'download' (online) or 'random'")
     sp.add_argument("--taps", nargs="+", default=["final"], help="taps to store (final, stage1..N)")
-    sp.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    _runtime_args(sp, "auto: the fastest that passes the accuracy gate on this CPU (measured once); a cache keeps "
+                      "what it was built with. int8 is calibrated on the collection itself")
     sp.add_argument("--device", default="auto", help="auto, cpu or cuda")
     sp.add_argument("--batch-size", type=int, help="images per forward pass (default 8 on CPU, 64 on GPU)")
     sp.add_argument("--workers", type=int, help="decode threads (default: available CPUs)")
@@ -454,6 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--port", type=int, default=8000)
     sp.add_argument("--api-key-file", help="file holding the API key clients must send as X-API-Key")
     sp.add_argument("--device", default="auto")
+    _runtime_args(sp, "auto: the cache's own precision, on the fastest runtime that reproduces it")
     sp.add_argument("--batching", choices=("auto", "on", "off"), default="auto",
                     help="gather concurrent requests into one forward pass (auto: on with a GPU, off on CPU)")
     sp.add_argument("--max-batch", type=int, default=8, help="most images per forward pass (8 measured best on 2 CPU cores)")
@@ -493,6 +541,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("images", nargs="+", help="image files")
     sp.add_argument("--cache", help="reuse cached vectors from this cache (default: the cache named in the head)")
     sp.add_argument("--device", default="auto")
+    _runtime_args(sp, "auto: the head's own precision, on the fastest runtime that reproduces it")
     sp.add_argument("--top", type=int, default=3, help="labels shown per image")
 
     sp = add("probe", "linear probes on every cached tap: which depth transfers best")

@@ -51,7 +51,7 @@ def _cached_vectors(cache: FeatureCache | None, member: Member, shas: dict[int, 
 
 
 def predict(head_dir: str, images: list[str], cache: str | None = None, device: str = "auto",
-            batch_size: int = 16, top_k: int = 3) -> dict:
+            batch_size: int = 16, top_k: int = 3, runtime: str = "auto", precision: str = "auto") -> dict:
     """Labels with probabilities for ``images`` (paths); per-file errors instead of a crash."""
     bundle = load_bundle(head_dir)
     members = bundle.members
@@ -66,11 +66,13 @@ def predict(head_dir: str, images: list[str], cache: str | None = None, device: 
     store = _open_cache(bundle.path, members, cache or bundle.manifest.get("cache"), cache is not None)
     per_member: list[dict[int, np.ndarray]] = []
     embedded: set[int] = set()
+    pixels: dict = {}  # decoded images per preprocessing, shared by the members
     for m in members:
         vectors = _cached_vectors(store, m, shas)
         todo = {i: data[i] for i in data if i not in vectors and "error" not in results[i]}
         if todo:
-            vectors.update(_embed(m, todo, results, device, batch_size))
+            vectors.update(_embed(m, todo, results, pixels, device, batch_size, runtime, precision,
+                                  cache or bundle.manifest.get("cache")))
             embedded |= todo.keys()
         per_member.append(vectors)
     ok = [i for i in sorted(data) if "error" not in results[i] and all(i in v for v in per_member)]
@@ -90,20 +92,27 @@ def predict(head_dir: str, images: list[str], cache: str | None = None, device: 
     return out
 
 
-def _embed(member: Member, data: dict[int, bytes], results: list[dict], device: str,
-           batch_size: int) -> dict[int, np.ndarray]:
-    """``member``'s vectors of the images in ``data``; a failed decode becomes that image's error."""
+def _embed(member: Member, data: dict[int, bytes], results: list[dict], pixels: dict, device: str,
+           batch_size: int, runtime: str = "auto", precision: str = "auto",
+           cache: str | None = None) -> dict[int, np.ndarray]:
+    """``member``'s vectors of the images in ``data``; a failed decode becomes that image's error.
+
+    ``pixels`` keeps the decoded images per preprocessing, so members that share one decode once.
+    """
     import torch
 
     from ..extract.decode import load_image
     from ..extract.embedder import embedder_for
 
-    emb = embedder_for(member.backbone, member.canon, [member.tap], device)
+    emb = embedder_for(member.backbone, member.canon, [member.tap], device, runtime=runtime, precision=precision,
+                       cache=cache)
     if emb.fingerprint != member.fingerprint:
         raise FingerprintMismatch(f"backbone {emb.spec.name} now gives fingerprint {emb.fingerprint}, the head "
                                   f"was trained on {member.fingerprint}")
-    decoded: dict[int, torch.Tensor] = {}
+    decoded: dict[int, torch.Tensor] = pixels.setdefault(emb.spec.preprocess, {})
     for i, b in data.items():
+        if i in decoded:
+            continue
         try:
             decoded[i] = load_image(b, emb.spec.preprocess)
         except FeatcacheError as e:
@@ -111,7 +120,7 @@ def _embed(member: Member, data: dict[int, bytes], results: list[dict], device: 
         except Exception as e:  # noqa: BLE001 - a hostile file must not stop the others
             results[i]["error"] = f"decoder error: {type(e).__name__}: {e}"
     out: dict[int, np.ndarray] = {}
-    idx = sorted(decoded)
+    idx = sorted(i for i in data if i in decoded)
     for s in range(0, len(idx), batch_size):
         part = idx[s : s + batch_size]
         vecs = emb.embed(torch.stack([decoded[i] for i in part]))[member.tap]

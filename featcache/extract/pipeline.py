@@ -21,6 +21,7 @@ from .decode import DEFAULT_MAX_PIXELS
 from .embedder import Embedder
 from .engines import ENGINES
 from .registry import DEFAULT_BACKBONE, resolve
+from .runtimes.calibration import Calibration
 from .sources import Item, Listing, list_source
 from .stages import DEFAULT_MAX_FILE_BYTES
 from .writer import CacheWriter, TapCatchUp
@@ -34,6 +35,7 @@ class ExtractConfig:
     weights: str | None = None
     taps: list[str] = field(default_factory=lambda: ["final"])
     precision: str = "auto"
+    runtime: str = "auto"  # auto | torch | openvino (extract/runtimes)
     device: str = "auto"
     batch_size: int | None = None
     workers: int | None = None
@@ -80,14 +82,16 @@ class Target:
         """The embedder, computing every tap the fingerprint's group holds (so all taps advance together)."""
         emb = self._embedder
         if self.group is not None and set(self.group.taps) != set(emb.taps):
-            emb = Embedder(emb.backbone, sorted(self.group.taps), str(emb.device), emb.precision, emb.threads)
+            emb = Embedder(emb.backbone, sorted(self.group.taps), str(emb.device), emb.precision, emb.threads,
+                           runtime=emb.runtime, calibration=emb.calibration)
             self._embedder = emb
         return emb
 
     def description(self) -> dict:
         """What rebuilds this embedder elsewhere (a Ray worker): ``embedder_for``'s inputs + the fingerprint."""
         emb = self._embedder
-        return {"description": emb.spec.describe(), "canon": emb.canon, "fingerprint": emb.fingerprint}
+        return {"description": emb.spec.describe(), "canon": emb.canon, "fingerprint": emb.fingerprint,
+                "runtime": emb.runtime}
 
     def open(self, cache: FeatureCache, commit_every: int) -> None:
         emb = self._embedder
@@ -113,8 +117,9 @@ class Extraction:
             require_ray(cfg.ray_address)
         if embedder is None:
             names = [cfg.backbone] if isinstance(cfg.backbone, str) else list(cfg.backbone)
-            embedder = [Embedder(Backbone.load(resolve(n, cfg.weights)), cfg.taps, cfg.device, cfg.precision)
-                        for n in dict.fromkeys(names)]
+            calibration = (lambda: Calibration.from_source(cfg.source)) if cfg.source else None
+            embedder = [Embedder(Backbone.load(resolve(n, cfg.weights)), cfg.taps, cfg.device, cfg.precision,
+                                 runtime=cfg.runtime, calibration=calibration) for n in dict.fromkeys(names)]
         embedders = embedder if isinstance(embedder, list) else [embedder]
         fps = [e.fingerprint for e in embedders]
         if len(set(fps)) != len(fps):

@@ -122,13 +122,16 @@ class ServiceState:
         attrs = plan.cache.group_attrs(plan.fingerprint)
         threads = max(1, available_cpus() // plan.workers)
         self.embedder = embedder_for(attrs["backbone"], attrs["fingerprint"], list(plan.taps), config.device,
-                                     threads=threads)
+                                     threads=threads, runtime=config.runtime, precision=config.precision,
+                                     cache=config.cache, streams=plan.workers)
         self.fingerprint = self.embedder.fingerprint
         self.backbone = attrs["backbone"]
         extra = {}  # the other backbones ensemble heads read
         for fp, taps in plan.members.items():
             a = plan.cache.group_attrs(fp)
-            extra[fp] = embedder_for(a["backbone"], a["fingerprint"], list(taps), config.device, threads=threads)
+            extra[fp] = embedder_for(a["backbone"], a["fingerprint"], list(taps), config.device, threads=threads,
+                                     runtime=config.runtime, precision=config.precision, cache=config.cache,
+                                     streams=plan.workers)
         self.embedders = {self.fingerprint: self.embedder, **extra}
         self.heads = HeadRegistry(self.fingerprint, self.embedder.taps, {fp: e.taps for fp, e in extra.items()})
         for name, path in config.heads.items():
