@@ -15,7 +15,6 @@ validation folds inside its training rows only. Writes benchmarks/results/ensemb
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 
@@ -23,6 +22,7 @@ from record import RESULTS, save
 
 from featcache.classify.bundle import library_versions
 from featcache.classify.train import TrainConfig, train
+from featcache.extract.runtimes import cpu_model
 from featcache.runtime import available_cpus
 from featcache.store.cache import FeatureCache
 
@@ -73,7 +73,7 @@ def main() -> int:
         print(f"{name}: {line}; ensemble {r['ensemble']['accuracy']:.4f} (weights {r['ensemble']['weights']}); "
               f"gain over best single {r['gain_over_best_single']:+.4f} ({r['seconds']} s)", flush=True)
     doc = {"command": " ".join(["python", *sys.argv]), "sets": sets,
-           "machine": {"cpu": platform.processor() or platform.machine(), "cpus": available_cpus()},
+           "machine": {"cpu": cpu_model(), "cpus": available_cpus()},
            "versions": library_versions()}
     print(f"wrote {save(doc, a.out)}")
     return 0
