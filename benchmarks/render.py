@@ -658,8 +658,46 @@ AsyncInferQueue, batch 32; NNCF's default `quantize` for int8).
     return text
 
 
+# -- issue 15 --------------------------------------------------------------------------------------
+def section_ensemble(res: Results) -> str:
+    r = res("ensemble")
+    if r is None:
+        return ""
+    fmnist_target = 0.915  # full Fashion-MNIST (60,000 train / 10,000 test), frozen features
+
+    def acc(x: float) -> str:
+        return f"{100 * x:.2f} %"
+
+    text = f"""## Ensembles across backbones (issue 15)
+
+`{r['command']}` (raw: `benchmarks/results/ensemble.json`), {r['machine']['cpu']}, {r['machine']['cpus']} CPUs. Each
+set: every backbone alone and the ensemble over all of them, one head kind, on the same rows (images every backbone
+holds) and the same held-out rows; the ensemble's weights come from validation folds inside its training rows.
+
+| set | evaluation | rows | model | held-out accuracy | weight |
+|---|---|---|---|---|---|
+"""
+    for x in r["sets"]:
+        ev = x["evaluation"]
+        how = f"{ev['folds']}-fold CV" if ev["mode"] == "cv" else f"{ev.get('train_rows', '?')} train / {ev.get('test_rows', '?')} test"
+        e = x["ensemble"]
+        for s in x["singles"]:
+            text += (f"| {x['name']} | {how} | {x['rows']:,} | {s['backbone']} ({x['head']}) | {acc(s['accuracy'])} | "
+                     f"{e['weights'].get(s['backbone'], 0):.2f} |\n")
+        text += f"| {x['name']} | {how} | {x['rows']:,} | **ensemble** (validation chose {e['choice']}) | **{acc(e['accuracy'])}** | |\n"
+    never_worse = all(x["gain_over_best_single"] >= 0 for x in r["sets"])
+    gains = ", ".join(f"{x['name']} {x['gain_over_best_single'] * 100:+.2f} points" for x in r["sets"])
+    full = [x for x in r["sets"] if x["name"] == "fmnist-full"]
+    text += (f"\nTarget: the ensemble is never worse than the best single backbone on held-out rows: "
+             f"{verdict(never_worse)} ({gains}).\n\nTarget: ≥ {acc(fmnist_target)} test accuracy on full Fashion-MNIST "
+             "frozen features: " + (f"{verdict(full[0]['ensemble']['accuracy'] >= fmnist_target)} "
+                                    f"({acc(full[0]['ensemble']['accuracy'])}).\n" if full else
+                                    "not measured (only the subsets above are cached with several backbones).\n"))
+    return text
+
+
 SECTIONS = (section_extraction, section_search, section_heads, section_finetune, section_hostile, section_ray,
-            section_runtimes)
+            section_runtimes, section_ensemble)
 
 
 def render(folder: Path = RESULTS) -> str:
