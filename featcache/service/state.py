@@ -147,7 +147,8 @@ class ServiceState:
         self.batcher = MicroBatcher(self.embedder.embed, config.max_batch, config.max_wait_ms / 1000,
                                     plan.batching, on_batch=metrics.batch.observe, workers=plan.workers)
         self.batchers = {self.fingerprint: self.batcher, **{
-            fp: MicroBatcher(e.embed, 1, 0.0, False, on_batch=metrics.batch.observe, workers=plan.workers)
+            fp: MicroBatcher(e.embed, config.max_batch, config.max_wait_ms / 1000, plan.batching,
+                             on_batch=metrics.batch.observe, workers=plan.workers)
             for fp, e in extra.items()}}
         for fp, emb in self.embedders.items():
             self._warm_up(emb, self.batchers[fp])
