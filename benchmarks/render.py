@@ -598,7 +598,40 @@ def section_ray(res: Results) -> str:
     return text
 
 
-SECTIONS = (section_extraction, section_search, section_heads, section_finetune, section_hostile, section_ray)
+# -- issue 13 --------------------------------------------------------------------------------------
+def section_coldstart(res: Results) -> str:
+    r = res("coldstart")
+    if r is None:
+        return ""
+    m, noop = r["machine"], r["noop"]
+    full = r["images"] >= T.COLDSTART_NOOP_IMAGES
+    rows = [("first run (model loaded, every image embedded)", r["first_run"]["wall_s"], None, None, None),
+            (f"no-op re-run ({pct(r['noop_fraction_of_first'])} of the first)", noop["wall_s"], noop["imports"],
+             T.COLDSTART_NOOP_S, noop["wall_s"] <= T.COLDSTART_NOOP_S and full),
+            ("`featcache backbones`", r["backbones"]["wall_s"], r["backbones"]["imports"], T.COLDSTART_BACKBONES_S,
+             r["backbones"]["wall_s"] <= T.COLDSTART_BACKBONES_S),
+            ("`featcache predict`, one cached image", r["predict_cached"]["wall_s"], r["predict_cached"]["imports"],
+             T.COLDSTART_PREDICT_S, r["predict_cached"]["wall_s"] <= T.COLDSTART_PREDICT_S)]
+    text = f"""## Cold start (issue 13)
+
+`{r['command']}` (raw: `benchmarks/results/coldstart.json`): {r['images']:,} JPEGs, each command a fresh
+`python -m featcache.cli` process (median of {r['repeat']}); {m['cpu']}, {m['cpus']} CPUs ({', '.join(m['flags'])}),
+first run {r['first_run']['precision']} on {r['first_run']['device']}.
+
+| command | wall s | heavy modules imported | target | |
+|---|---|---|---|---|
+"""
+    for name, wall, imports, target, ok in rows:
+        imported = "" if imports is None else (", ".join(imports) or "none")
+        text += f"| {name} | {wall} | {imported} | {'' if target is None else f'≤ {target:g} s'} | " \
+                f"{'' if ok is None else verdict(ok)} |\n"
+    if not full:
+        text += f"\nThe no-op target is for {T.COLDSTART_NOOP_IMAGES:,} images; this run had {r['images']:,}.\n"
+    return text
+
+
+SECTIONS = (section_extraction, section_search, section_heads, section_finetune, section_hostile, section_ray,
+            section_coldstart)
 
 
 def render(folder: Path = RESULTS) -> str:

@@ -31,3 +31,9 @@ HOSTILE_SERVE_PEAK_RSS_BYTES = int(2.5 * (1 << 30))
 
 # issue 12, the writer: committed rows/s of 1280-d float32 features, one writer
 WRITER_ROWS_PER_S = 25_000
+
+# issue 13, cold start (wall seconds of a fresh `python -m featcache.cli` process)
+COLDSTART_NOOP_S = 1.5  # `featcache extract` again over 1,000 cached images: nothing to compute
+COLDSTART_NOOP_IMAGES = 1000  # the collection that target is for
+COLDSTART_BACKBONES_S = 1.0  # `featcache backbones`
+COLDSTART_PREDICT_S = 2.0  # `featcache predict` of one image the cache holds
