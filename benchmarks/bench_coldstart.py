@@ -25,6 +25,7 @@ import json
 import os
 import platform
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -44,6 +45,11 @@ PROBE = ("import atexit, runpy, sys\n"
          f"atexit.register(lambda: print('IMPORTED', [m for m in {WATCH!r} if m in sys.modules], file=sys.stderr))\n"
          "sys.argv = ['featcache', *sys.argv[1:]]\n"
          "runpy.run_module('featcache.cli', run_name='__main__')\n")
+
+
+def child_cpu() -> float:
+    use = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return use.ru_utime + use.ru_stime
 
 
 def featcache(*args: str, probe: bool = False) -> tuple[float, dict | None, list[str] | None]:
@@ -66,12 +72,15 @@ def featcache(*args: str, probe: bool = False) -> tuple[float, dict | None, list
 
 def timed(args: list[str], repeat: int) -> dict:
     """Median and every wall time of ``repeat`` runs, the last run's result and what a probe run imported."""
-    walls, result = [], None
+    walls, cpus, result = [], [], None
     for _ in range(repeat):
+        cpu = child_cpu()
         wall, result, _ = featcache(*args)
         walls.append(round(wall, 3))
+        cpus.append(round(child_cpu() - cpu, 3))  # user + system: what a shared machine's load does not inflate
     _, _, imported = featcache(*args, probe=True)
-    return {"wall_s": round(statistics.median(walls), 3), "walls_s": walls, "imports": imported, "result": result}
+    return {"wall_s": round(statistics.median(walls), 3), "walls_s": walls, "cpu_s": round(statistics.median(cpus), 3),
+            "imports": imported, "result": result}
 
 
 def main() -> int:
