@@ -301,15 +301,23 @@ def cmd_train(args: argparse.Namespace) -> dict:
             lines.append(f"{lc['images']} images found under several labels were "
                          f"{'left out' if lc['policy'] == 'drop' else 'kept under their stored label'} "
                          "(--label-conflicts drop|keep)")
-        lines.append(f"{'tap':8} {'head':11} {'accuracy':>9} {'macro-F1':>9} {'ECE':>6} {'train s':>8}")
+        for x in r.get("members", []):
+            if x["dropped_rows"]:
+                lines.append(f"{x['dropped_rows']} labelled images of {x['backbone']} left out (not in every backbone)")
+        width = max(len(x["name"]) for x in r["results"])
+        lines.append(f"{'tap / head' + (' / backbone' if 'members' in r else ''):{width}} {'accuracy':>9} "
+                     f"{'macro-F1':>9} {'ECE':>6} {'train s':>8}")
         for x in r["results"]:
-            mark = " *" if (x["tap"], x["head"]) == (r["best"]["tap"], r["best"]["head"]) else ""
-            lines.append(f"{x['tap']:8} {x['head']:11} {x['accuracy']:9.4f} {x['macro_f1']:9.4f} {x['ece']:6.3f} "
+            mark = " *" if x["name"] == r["best"]["name"] else ""
+            lines.append(f"{x['name']:{width}} {x['accuracy']:9.4f} {x['macro_f1']:9.4f} {x['ece']:6.3f} "
                          f"{x['train_seconds']:8.2f}{mark}")
+            if "weights" in x:
+                lines.append("  weights " + ", ".join(f"{b} {w:.2f}" for b, w in x["weights"].items())
+                             + f"; best single {x['best_single']['backbone']} {x['best_single']['accuracy']:.4f}")
         worst = sorted(m["per_class"].items(), key=lambda kv: kv[1]["f1"])[:3]
         lines.append("weakest classes: " + ", ".join(f"{c} (P {v['precision']:.2f} R {v['recall']:.2f})" for c, v in worst))
         if r.get("out"):
-            lines.append(f"saved {r['best']['head']} on {r['best']['tap']} to {r['out']}")
+            lines.append(f"saved {r['best']['name']} to {r['out']}")
         if r.get("report"):
             lines.append(f"report {r['report']['html']} (+ {r['report']['json']})")
         return "\n".join(lines)
@@ -509,7 +517,8 @@ def build_parser() -> argparse.ArgumentParser:
     # -- heads (issue 3) --
     sp = add("train", "train classifier heads on cached features, evaluate, save the best as a bundle")
     sp.add_argument("--cache", default="featcache-cache")
-    sp.add_argument("--fingerprint", help="fingerprint (prefix); needed when the cache holds several")
+    sp.add_argument("--fingerprint", nargs="+", help="fingerprint (prefix); needed when the cache holds several; "
+                    "several: an ensemble over those backbones (each alone is trained for comparison)")
     sp.add_argument("--tap", nargs="+", default=["final"], help="tap(s) to train on (several: compared, best kept)")
     from .classify.heads import HEAD_KINDS  # the head registry, read only when --head is parsed or shown
 
@@ -527,7 +536,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="images whose bytes were found under several labels: leave them out, or keep the label "
                          "extract stored (the first name's)")
 
-    sp = add("predict", "label images with a head bundle (embeds them with the head's backbone)")
+    sp = add("predict", "label images with a head bundle (embeds them with the head's backbone(s))")
     sp.add_argument("--head", required=True, help="head bundle directory")
     sp.add_argument("images", nargs="+", help="image files")
     sp.add_argument("--cache", help="reuse cached vectors from this cache (default: the cache named in the head)")

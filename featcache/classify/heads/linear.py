@@ -14,7 +14,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from ..splits import stratified_holdout
+from ..splits import stratified_holdout, validation_folds
 from ..threads import thread_count
 from .base import Head, as_decision, float64_rows, softmax
 
@@ -123,17 +123,12 @@ class _LinearHead(Head):
         Large data: one stratified split. Below 2000 rows: 3 folds, so a handful of
         validation images does not decide alone. Ties in accuracy go to the lower log-loss.
         """
-        n = len(y_idx)
-        if n < 2000 and np.bincount(y_idx).min() >= 3:
-            from sklearn.model_selection import StratifiedKFold
-
-            folds = list(StratifiedKFold(3, shuffle=True, random_state=self.random_state).split(y_idx, y_idx))
-        else:
-            tr, va = stratified_holdout(y_idx, self.val_fraction, self.random_state)
+        folds = validation_folds(y_idx, 3, self.val_fraction, self.random_state)
+        if len(folds) == 1:
+            tr, va = folds[0]
             if self.select_rows and len(tr) > self.select_rows:  # the path only ranks C: a subsample does
                 keep, _ = stratified_holdout(y_idx[tr], 1 - self.select_rows / len(tr), self.random_state)
-                tr = tr[keep]
-            folds = [(tr, va)]
+                folds = [(tr[keep], va)]
         Cs = sorted(self.default_Cs if self.Cs is None else self.Cs)
         acc = np.zeros(len(Cs))
         ce = np.zeros(len(Cs))
