@@ -696,8 +696,39 @@ holds) and the same held-out rows; the ensemble's weights come from validation f
     return text
 
 
+def section_coldstart(res: Results) -> str:
+    r = res("coldstart")
+    if r is None:
+        return ""
+    m, noop = r["machine"], r["noop"]
+    full = r["images"] >= T.COLDSTART_NOOP_IMAGES
+    rows = [("first run (model loaded, every image embedded)", r["first_run"], None, None),
+            (f"no-op re-run ({pct(r['noop_fraction_of_first'])} of the first)", noop, T.COLDSTART_NOOP_S,
+             noop["wall_s"] <= T.COLDSTART_NOOP_S and full),
+            ("`featcache backbones`", r["backbones"], T.COLDSTART_BACKBONES_S,
+             r["backbones"]["wall_s"] <= T.COLDSTART_BACKBONES_S),
+            ("`featcache predict`, one cached image", r["predict_cached"], T.COLDSTART_PREDICT_S,
+             r["predict_cached"]["wall_s"] <= T.COLDSTART_PREDICT_S)]
+    text = f"""## Cold start (issue 13)
+
+`{r['command']}` (raw: `benchmarks/results/coldstart.json`): {r['images']:,} JPEGs, each command a fresh
+`python -m featcache.cli` process (median of {r['repeat']}); {m['cpu']}, {m['cpus']} CPUs ({', '.join(m['flags'])}),
+first run {r['first_run']['precision']} on {r['first_run']['device']}.
+
+| command | wall s | CPU s | heavy modules imported | target | |
+|---|---|---|---|---|---|
+"""
+    for name, x, target, ok in rows:
+        imported = ", ".join(x["imports"]) or "none" if "imports" in x else ""
+        text += f"| {name} | {x['wall_s']} | {x.get('cpu_s', '')} | {imported} | " \
+                f"{'' if target is None else f'≤ {target:g} s'} | {'' if ok is None else verdict(ok)} |\n"
+    if not full:
+        text += f"\nThe no-op target is for {T.COLDSTART_NOOP_IMAGES:,} images; this run had {r['images']:,}.\n"
+    return text
+
+
 SECTIONS = (section_extraction, section_search, section_heads, section_finetune, section_hostile, section_ray,
-            section_runtimes, section_ensemble)
+            section_runtimes, section_ensemble, section_coldstart)
 
 
 def render(folder: Path = RESULTS) -> str:

@@ -43,3 +43,9 @@ AUTO_VS_OPENVINO_USER = 1.0  # featcache auto model-only / plain OpenVINO's best
 
 # issue 15, ensembles: full Fashion-MNIST (60,000 train / 10,000 test) frozen features, test accuracy
 ENSEMBLE_FMNIST_ACCURACY = 0.915
+
+# issue 13, cold start (wall seconds of a fresh `python -m featcache.cli` process)
+COLDSTART_NOOP_S = 1.5  # `featcache extract` again over 1,000 cached images: nothing to compute
+COLDSTART_NOOP_IMAGES = 1000  # the collection that target is for
+COLDSTART_BACKBONES_S = 1.0  # `featcache backbones`
+COLDSTART_PREDICT_S = 2.0  # `featcache predict` of one image the cache holds

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..errors import UsageError, WeightsError
-from .registry import sha256_file, weights_file, weights_present  # noqa: F401 - re-exported, torch-free homes
+from .registry import RANDOM_WEIGHTS, sha256_file, weights_file, weights_present  # noqa: F401 - re-exported, torch-free homes
 from .spec import BackboneSpec
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ def load_network(spec: BackboneSpec) -> tuple[nn.Module, str]:
     if w.kind == "random":
         torch.manual_seed(0)
         model = _construct(spec, pretrained=False, num_classes=num_classes)
-        return model.eval(), "random-seed0"
+        return model.eval(), RANDOM_WEIGHTS
     path = weights_file(spec)
     if path is None or not path.is_file():
         raise WeightsError(f"weights file {path} for {spec.name} does not exist")

@@ -27,10 +27,9 @@ log = logging.getLogger(__name__)
 
 
 def resolve_device(device: str = "auto") -> torch.device:
+    runtimes.check_device(device)
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise UsageError(f"--device must be auto, cpu or cuda, got {device!r}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError("--device cuda asked for, but torch sees no CUDA GPU")
     return torch.device(device)

@@ -11,6 +11,7 @@ from ..errors import NotFoundError, UsageError, WeightsError
 from .spec import BackboneSpec, Preprocess, WeightsSource
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
+RANDOM_WEIGHTS = "random-seed0"  # the weights digest of --weights random (seeded: the same network each time)
 _HALF = (0.5, 0.5, 0.5)
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)

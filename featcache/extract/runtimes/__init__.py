@@ -46,6 +46,12 @@ def quantiser_available() -> bool:
     return available("openvino") and importlib.util.find_spec("nncf") is not None
 
 
+def check_device(device: str) -> None:
+    """A clear UsageError for a --device that is none of auto, cpu, cuda[:N] (checked before torch is imported)."""
+    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
+        raise UsageError(f"--device must be auto, cpu or cuda, got {device!r}")
+
+
 def check_runtime(runtime: str, precision: str, device_type: str) -> None:
     """A clear UsageError for a runtime/precision pair that cannot run here."""
     if runtime not in RUNTIMES:
