@@ -268,10 +268,8 @@ def cmd_dedupe(args: argparse.Namespace) -> dict:
 @command("serve")
 def cmd_serve(args: argparse.Namespace) -> dict:
     from .errors import UsageError
-    from .service.app import serve
-    from .service.config import ServiceConfig
 
-    heads = {}
+    heads = {}  # checked before the service's imports (torch, FastAPI): a wrong flag fails at once
     for spec in args.head or []:
         name, sep, path = spec.partition("=")
         if not sep:  # a bare HEAD_DIR, as predict takes it: named after its folder
@@ -286,6 +284,9 @@ def cmd_serve(args: argparse.Namespace) -> dict:
         api_key = Path(args.api_key_file).read_text().strip()
         if not api_key:
             raise UsageError(f"API key file {args.api_key_file} is empty")
+    from .service.app import serve
+    from .service.config import ServiceConfig
+
     cfg = ServiceConfig(cache=args.cache, heads=heads, index=args.index, fingerprint=args.fingerprint, api_key=api_key,
                         device=args.device, runtime=args.runtime, precision=args.precision,
                         batching={"auto": None, "on": True, "off": False}[args.batching],
@@ -739,6 +740,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("featcache: interrupted; committed work is kept, run the same command to resume", file=sys.stderr)
         return 130
+    finally:
+        show_status(False)  # main() called in-process (tests, scripts) leaves the library quiet again
     return 0
 
 

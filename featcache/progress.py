@@ -9,6 +9,7 @@ it is silent unless the command line turned status lines on with ``show_status(T
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -59,8 +60,16 @@ class Progress:
 
             self._bar = tqdm(total=total, desc=label, unit="img", file=sys.stderr, dynamic_ncols=True,
                              smoothing=0.1)
+            self._stop = threading.Event()  # redraw each second: elapsed time moves during a slow first batch
+            threading.Thread(target=self._tick, name="progress", daemon=True).start()
         elif enabled:
             self._line(self.start)  # the total, at once
+
+    def _tick(self) -> None:
+        while not self._stop.wait(1.0):
+            bar = self._bar
+            if bar is not None:
+                bar.refresh()
 
     def update(self, n: int) -> None:
         self.done += n
@@ -88,8 +97,9 @@ class Progress:
 
     def close(self) -> None:
         if self._bar is not None:
-            self._bar.close()
-            self._bar = None
+            self._stop.set()
+            bar, self._bar = self._bar, None
+            bar.close()
         elif self.enabled and self.done:
             self._line(time.perf_counter())
             self.enabled = False  # a second close prints nothing
