@@ -31,19 +31,26 @@ def clock(seconds: float) -> str:
 
 @contextmanager
 def loading(what: str, enabled: bool | None = None) -> Iterator[None]:
-    """``loading efficientnet_lite0 ... 2.1s`` on stderr around the block (a model load, before the first image)."""
+    """``loading efficientnet_lite0 ... 2.1s`` on stderr around the block (a model load, before the first image).
+
+    On a terminal the line shows while the block runs and is wiped if it fails, so the error line stands
+    alone; elsewhere it is written whole once the block is done (logs get whole lines, and no line on failure).
+    """
     if not (_status if enabled is None else enabled):
         yield
         return
-    t0 = time.perf_counter()
-    sys.stderr.write(f"loading {what} ...")
-    sys.stderr.flush()
+    tty, t0 = sys.stderr.isatty(), time.perf_counter()
+    if tty:
+        sys.stderr.write(f"loading {what} ...")
+        sys.stderr.flush()
     try:
         yield
     except BaseException:
-        sys.stderr.write(" failed\n")  # the error line that follows starts on its own line
+        if tty:
+            sys.stderr.write("\r\033[K")
         raise
-    sys.stderr.write(f" {time.perf_counter() - t0:.1f}s\n")
+    seconds = f" {time.perf_counter() - t0:.1f}s\n"
+    sys.stderr.write(seconds if tty else f"loading {what} ...{seconds}")
     sys.stderr.flush()
 
 

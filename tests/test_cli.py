@@ -211,13 +211,16 @@ def test_progress_in_a_log_is_plain_periodic_lines(capsys):
     assert re.fullmatch(r"loading a model \.\.\. \d+\.\ds\n", capsys.readouterr().err)
 
 
-def test_progress_on_a_terminal_is_a_tqdm_bar_with_elapsed_and_eta(tmp_path):
+def test_progress_on_a_terminal_is_a_live_loading_line_then_a_tqdm_bar(tmp_path):
     import fcntl
     import pty
     import struct
     import termios
 
-    code = ("import time\nfrom featcache.progress import Progress\np = Progress(10, 'extract x')\ntime.sleep(1.5)\n"
+    code = ("import time\nfrom featcache.progress import Progress, loading\n"
+            "try:\n    with loading('broken', True):\n        raise OSError\nexcept OSError:\n    pass\n"
+            "with loading('lite0', True):\n    time.sleep(0.2)\n"
+            "p = Progress(10, 'extract x')\ntime.sleep(1.5)\n"
             "for _ in range(10):\n    p.update(1)\n    time.sleep(0.02)\np.close()\n")
     leader, follower = pty.openpty()
     fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
@@ -235,6 +238,7 @@ def test_progress_on_a_terminal_is_a_tqdm_bar_with_elapsed_and_eta(tmp_path):
         out += chunk
     os.close(leader)
     assert proc.wait(timeout=60) == 0, out
+    assert out.decode().startswith("loading broken ...\r\x1b[Kloading lite0 ... 0.2s\r\n")  # a failed load is wiped
     frames = out.decode().split("\r")
     assert any(re.search(r"extract x:\s+0%\|.*\| 0/10 \[00:01<\?", f) for f in frames), frames  # time moves at 0
     assert re.search(r"extract x: 100%\|█+\| 10/10 \[00:0\d<00:00, +\d+\.\d+img/s\]", out.decode()), frames[-3:]
