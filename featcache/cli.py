@@ -23,7 +23,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import FeatcacheError, ImageError, NotFoundError
+from .errors import FeatcacheError, ImageError, NotFoundError, UsageError
 from .progress import loading, show_status
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], dict]] = {}
@@ -223,7 +223,6 @@ def cmd_index(args: argparse.Namespace) -> dict:
 
 @command("search")
 def cmd_search(args: argparse.Namespace) -> dict:
-    from .errors import UsageError
     from .store.index import VectorIndex
 
     if (args.image is None) == (args.key is None):
@@ -267,7 +266,6 @@ def cmd_dedupe(args: argparse.Namespace) -> dict:
 
 @command("serve")
 def cmd_serve(args: argparse.Namespace) -> dict:
-    from .errors import UsageError
 
     heads = {}  # checked before the service's imports (torch, FastAPI): a wrong flag fails at once
     for spec in args.head or []:
@@ -304,8 +302,6 @@ def _head_params(items: list[str] | None) -> dict:
         name, _, value = item.partition("=")
         kind, _, param = name.partition(".")
         if not value or not param:
-            from .errors import UsageError
-
             raise UsageError(f"--param expects HEAD.NAME=VALUE (e.g. logreg.C=0.1), got {item!r}")
         try:
             parsed = json.loads(value)
@@ -721,7 +717,11 @@ def _fail(args: argparse.Namespace, error: str, message: str, code: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; every failure ends as one line on stderr and a documented exit code, never a traceback."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    if not (sys.argv[1:] if argv is None else argv):  # a bare `featcache`: what it does and which commands
+        parser.print_help(sys.stderr)
+        return UsageError.exit_code
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     show_status(not (args.quiet or args.json))
     try:

@@ -68,6 +68,8 @@ def test_top_level_help_is_for_users(tmp_path):
     listed = [m.group(1) for m in re.finditer(r"^    (\w+)\s", out, re.M)]
     assert listed == list(ORDER), listed  # a typical session first: extract, info, train, predict, ...
     assert set(listed) == set(subparsers(build_parser()))
+    bare = run_cli(cwd=tmp_path)  # `featcache` alone: the same help, as a usage error
+    assert bare.returncode == 2 and bare.stderr == out and bare.stdout == ""
 
 
 def test_every_subcommand_says_what_it_does_and_shows_defaults_never_none():
