@@ -198,7 +198,7 @@ def bench(name: str, root: Path, paths: list[Path], device: str, work: Path, sec
     t = time.perf_counter()
     ex = Extraction(cfg)  # runtime and precision auto: gate, conversion, quantisation happen here, once
     prepare = time.perf_counter() - t
-    emb, batch = ex.emb, ex.batch_size
+    emb, batch = ex.targets[0].embedder, ex.batch_size
     result = {"backbone": name, "images": len(paths), "device": str(emb.device), "runtime": emb.runtime,
               "precision": emb.precision, "fingerprint": emb.fingerprint, "batch_size": batch, "workers": ex.workers,
               "auto_prepare_seconds": prepare}
@@ -252,6 +252,7 @@ def main() -> None:
     p.add_argument("--backbones", nargs="+", default=list(BACKBONES), choices=list(BACKBONES))
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, help="featcache batch size (default: featcache's own default)")
+    p.add_argument("--seconds", type=float, default=8.0, help="length of each model-only measurement")
     p.add_argument("--out", default=str(RESULTS))
     a = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="featcache-bench-"))
