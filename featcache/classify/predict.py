@@ -103,9 +103,11 @@ def _embed(member: Member, data: dict[int, bytes], results: list[dict], pixels: 
 
     from ..extract.decode import load_image
     from ..extract.embedder import embedder_for
+    from ..progress import loading
 
-    emb = embedder_for(member.backbone, member.canon, [member.tap], device, runtime=runtime, precision=precision,
-                       cache=cache)
+    with loading(member.backbone["name"]):
+        emb = embedder_for(member.backbone, member.canon, [member.tap], device, runtime=runtime, precision=precision,
+                           cache=cache)
     if emb.fingerprint != member.fingerprint:
         raise FingerprintMismatch(f"backbone {emb.spec.name} now gives fingerprint {emb.fingerprint}, the head "
                                   f"was trained on {member.fingerprint}")

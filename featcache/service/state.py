@@ -24,6 +24,7 @@ import torch
 
 from ..errors import FingerprintMismatch, UsageError
 from ..extract.embedder import Embedder, embedder_for, resolve_device
+from ..progress import loading
 from ..runtime import available_cpus
 from ..store.cache import FeatureCache
 from ..store.index import VectorIndex, check_cache, check_fingerprint, read_manifest
@@ -121,17 +122,19 @@ class ServiceState:
             check_cache(self.index.manifest, plan.cache)
         attrs = plan.cache.group_attrs(plan.fingerprint)
         threads = max(1, available_cpus() // plan.workers)
-        self.embedder = embedder_for(attrs["backbone"], attrs["fingerprint"], list(plan.taps), config.device,
-                                     threads=threads, runtime=config.runtime, precision=config.precision,
-                                     cache=config.cache, streams=plan.workers)
+        with loading(attrs["backbone"]["name"]):
+            self.embedder = embedder_for(attrs["backbone"], attrs["fingerprint"], list(plan.taps), config.device,
+                                         threads=threads, runtime=config.runtime, precision=config.precision,
+                                         cache=config.cache, streams=plan.workers)
         self.fingerprint = self.embedder.fingerprint
         self.backbone = attrs["backbone"]
         extra = {}  # the other backbones ensemble heads read
         for fp, taps in plan.members.items():
             a = plan.cache.group_attrs(fp)
-            extra[fp] = embedder_for(a["backbone"], a["fingerprint"], list(taps), config.device, threads=threads,
-                                     runtime=config.runtime, precision=config.precision, cache=config.cache,
-                                     streams=plan.workers)
+            with loading(a["backbone"]["name"]):
+                extra[fp] = embedder_for(a["backbone"], a["fingerprint"], list(taps), config.device, threads=threads,
+                                         runtime=config.runtime, precision=config.precision, cache=config.cache,
+                                         streams=plan.workers)
         self.embedders = {self.fingerprint: self.embedder, **extra}
         self.heads = HeadRegistry(self.fingerprint, self.embedder.taps, {fp: e.taps for fp, e in extra.items()})
         for name, path in config.heads.items():
@@ -151,7 +154,8 @@ class ServiceState:
                              on_batch=metrics.batch.observe, workers=plan.workers)
             for fp, e in extra.items()}}
         for fp, emb in self.embedders.items():
-            self._warm_up(emb, self.batchers[fp])
+            with loading(f"{emb.spec.name} warm-up"):
+                self._warm_up(emb, self.batchers[fp])
 
     @staticmethod
     def _warm_up(embedder: Embedder, batcher: MicroBatcher) -> None:
