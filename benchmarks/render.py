@@ -573,14 +573,14 @@ to fail, {c['must_decode']} extreme but valid, {c['bytes'] / 1e6:.0f} MB) beside
     return text
 
 
-# -- issue 12 --------------------------------------------------------------------------------------
+# -- issue 11 --------------------------------------------------------------------------------------
 def section_ray(res: Results) -> str:
     r = res("ray")
     if r is None:
         return ""
     rows = [("local engine", r["local"]), ("ray, cluster already running", r["ray_running"]),
             ("ray, starting its own cluster", r["ray_own_cluster"]), ("local engine again", r["local_again"])]
-    text = f"""## Engines and the writer
+    text = f"""## Scale-out: the Ray engine and the writer (issue 11)
 
 `python benchmarks/bench_ray.py` (raw: `benchmarks/results/ray.json`): {r['images']:,} JPEGs, {r['machine']['cpu']},
 {r['machine']['cpus']} CPUs, Ray {r['machine']['ray']}.
@@ -594,7 +594,10 @@ def section_ray(res: Results) -> str:
     writers = [("alone", w) for w in r["writer_alone"]] + [("through Ray Data (stand-in actors)", r["writer_through_ray"])]
     text += "".join(f"| {n} | {w['commit_every']} | {w['rows_per_s']:,} |\n" for n, w in writers)
     alone = max(w["rows_per_s"] for w in r["writer_alone"])
-    text += f"\nTarget: one writer commits ≥ {T.WRITER_ROWS_PER_S:,} rows/s: {verdict(alone >= T.WRITER_ROWS_PER_S)} ({alone:,}).\n"
+    ratio = r["ratios"]["ray_running_vs_local"]
+    text += (f"\nTargets: the Ray engine keeps ≥ {T.RAY_VS_LOCAL}x the local engine's images/s on this machine: "
+             f"{ratio:.2f}x (cluster already running) {verdict(ratio >= T.RAY_VS_LOCAL)}; "
+             f"one writer commits ≥ {T.WRITER_ROWS_PER_S:,} rows/s: {alone:,} {verdict(alone >= T.WRITER_ROWS_PER_S)}.\n")
     return text
 
 
@@ -652,11 +655,136 @@ interval on a few dozen test rows is wide: a pass "within the interval" is a wea
                  f"images took {t['wall_seconds']:.0f} s end to end (budget {t['budget']:g} s; skipped: "
                  f"{', '.join(t['skipped']) or 'nothing'}). Target: ≤ {t['target_seconds']:.0f} s on "
                  f"{t['target_images']:,} images: {verdict(t['met'])}.\n")
+
+
+# -- issue 13 --------------------------------------------------------------------------------------
+def section_runtimes(res: Results) -> str:
+    """One table per CPU model (``extract-cpu-<model>.json``): results of different machines never mix."""
+    docs = res.glob("extract-cpu-*")
+    if not docs:
+        return ""
+    text = """## CPU runtimes and precisions (issue 13)
+
+`python benchmarks/bench_extract.py --images N --backbones ...`, one run per CPU model. Model only: uint8 batches in,
+the final embedding out, all cores, with the accuracy gate (minimum cosine to torch fp32 ≥ 0.995 on the 20 real
+ImageNet photos, top-1 not lower). featcache `auto` end to end: files to a committed Zarr cache, the model prepared
+once beforehand (timed apart). `openvino-user`: plain OpenVINO as its documentation suggests (THROUGHPUT hint,
+AsyncInferQueue, batch 32; NNCF's default `quantize` for int8).
+"""
+    for name, doc in docs.items():
+        meta = doc["meta"]
+        bf16 = any(f in meta["flags"] for f in ("avx512_bf16", "amx_bf16"))
+        text += (f"\n### {meta['cpu']} ({meta['cpus_available']} cores; {' '.join(meta['flags'])})\n\n"
+                 f"Command: `{meta['command']}`; OpenVINO {meta.get('openvino')}, NNCF {meta.get('nncf')}, torch "
+                 f"{meta['torch']} (raw: `benchmarks/results/{name}.json`).\n\n"
+                 "| backbone | auto chose | featcache auto img/s | tutorial img/s | speed-up | M (auto) img/s | D img/s "
+                 "| % of ceiling | prepare s |\n|---|---|---|---|---|---|---|---|---|\n")
+        for r in doc["results"]:
+            text += (f"| {r['backbone']} | {r['runtime']} {r['precision']} | {r['featcache_auto']:.1f} | {r['tutorial']:.1f} | "
+                     f"**{r['speedup_vs_tutorial']:.2f}x** | {r['M_auto_model_only']:.1f} | {r['D_decode_only']:.1f} | "
+                     f"{pct(r['fraction_of_ceiling'])} | {r['auto_prepare_seconds']:.0f} |\n")
+        for r in doc["results"]:
+            if "model_only" not in r:
+                continue
+            text += (f"\n{r['backbone']}, model only:\n\n| who | runtime | precision | batch | img/s | min cos | top-1 | gate |\n"
+                     "|---|---|---|---|---|---|---|---|\n")
+            for m in r["model_only"]:
+                if "images_per_second" not in m:
+                    text += f"| {m['who']} | {m['runtime']} | {m['precision']} | {m['batch']} | - | - | - | n/a: {m.get('note', '')[:90]} |\n"
+                    continue
+                text += (f"| {m['who']} | {m['runtime']} | {m['precision']} | {m['batch']} | {m['images_per_second']:.1f} | "
+                         f"{m['min_cosine']:.4f} | {m['top1']} | {'pass' if m['passes'] else 'fail'} |\n")
+            verdicts = []
+            if bf16:
+                t = T.AUTO_VS_TUTORIAL_BF16.get(r["backbone"])
+                if t:
+                    verdicts.append(f"auto end to end ≥ {t}x the tutorial loop: {r['speedup_vs_tutorial']:.2f}x "
+                                    f"{verdict(r['speedup_vs_tutorial'] >= t)}")
+            else:
+                i8 = r.get("int8_vs_fp32_model_only")
+                verdicts.append(f"gated int8 ≥ {T.INT8_VS_FP32_AVX2}x torch fp32 model only: "
+                                + (f"{i8:.2f}x {verdict(i8 >= T.INT8_VS_FP32_AVX2)}" if i8 else "no gated int8 **NOT met**"))
+                verdicts.append(f"auto end to end ≥ {T.AUTO_VS_TUTORIAL_AVX2}x the tutorial loop: "
+                                f"{r['speedup_vs_tutorial']:.2f}x {verdict(r['speedup_vs_tutorial'] >= T.AUTO_VS_TUTORIAL_AVX2)}")
+            ov = r.get("auto_vs_best_gated_openvino_user")
+            if ov:
+                verdicts.append(f"auto model only ≥ {T.AUTO_VS_OPENVINO_USER}x plain OpenVINO's best gated: {ov:.2f}x "
+                                f"{verdict(ov >= T.AUTO_VS_OPENVINO_USER)}")
+            text += "\nTargets: " + "; ".join(verdicts) + ".\n"
+    return text
+
+
+# -- issue 15 --------------------------------------------------------------------------------------
+def section_ensemble(res: Results) -> str:
+    r = res("ensemble")
+    if r is None:
+        return ""
+    fmnist_target = T.ENSEMBLE_FMNIST_ACCURACY
+
+    def acc(x: float) -> str:
+        return f"{100 * x:.2f} %"
+
+    text = f"""## Ensembles across backbones (issue 15)
+
+`{r['command']}` (raw: `benchmarks/results/ensemble.json`), {r['machine']['cpu']}, {r['machine']['cpus']} CPUs. Each
+set: every backbone alone and the ensemble over all of them, one head kind, on the same rows (images every backbone
+holds) and the same held-out rows; the ensemble's weights come from validation folds inside its training rows.
+
+| set | evaluation | rows | model | held-out accuracy | weight |
+|---|---|---|---|---|---|
+"""
+    for x in r["sets"]:
+        ev = x["evaluation"]
+        how = f"{ev['folds']}-fold CV" if ev["mode"] == "cv" else f"{ev.get('train_rows', '?')} train / {ev.get('test_rows', '?')} test"
+        e = x["ensemble"]
+        for s in x["singles"]:
+            text += (f"| {x['name']} | {how} | {x['rows']:,} | {s['backbone']} ({x['head']}) | {acc(s['accuracy'])} | "
+                     f"{e['weights'].get(s['backbone'], 0):.2f} |\n")
+        text += f"| {x['name']} | {how} | {x['rows']:,} | **ensemble** (validation chose {e['choice']}) | **{acc(e['accuracy'])}** | |\n"
+    never_worse = all(x["gain_over_best_single"] >= 0 for x in r["sets"])
+    gains = ", ".join(f"{x['name']} {x['gain_over_best_single'] * 100:+.2f} points" for x in r["sets"])
+    full = [x for x in r["sets"] if x["name"] == "fmnist-full"]
+    text += (f"\nTarget: the ensemble is never worse than the best single backbone on held-out rows: "
+             f"{verdict(never_worse)} ({gains}).\n\nTarget: ≥ {acc(fmnist_target)} test accuracy on full Fashion-MNIST "
+             "frozen features: " + (f"{verdict(full[0]['ensemble']['accuracy'] >= fmnist_target)} "
+                                    f"({acc(full[0]['ensemble']['accuracy'])}).\n" if full else
+                                    "not measured (only the subsets above are cached with several backbones).\n"))
+    return text
+
+
+def section_coldstart(res: Results) -> str:
+    r = res("coldstart")
+    if r is None:
+        return ""
+    m, noop = r["machine"], r["noop"]
+    full = r["images"] >= T.COLDSTART_NOOP_IMAGES
+    rows = [("first run (model loaded, every image embedded)", r["first_run"], None, None),
+            (f"no-op re-run ({pct(r['noop_fraction_of_first'])} of the first)", noop, T.COLDSTART_NOOP_S,
+             noop["wall_s"] <= T.COLDSTART_NOOP_S and full),
+            ("`featcache backbones`", r["backbones"], T.COLDSTART_BACKBONES_S,
+             r["backbones"]["wall_s"] <= T.COLDSTART_BACKBONES_S),
+            ("`featcache predict`, one cached image", r["predict_cached"], T.COLDSTART_PREDICT_S,
+             r["predict_cached"]["wall_s"] <= T.COLDSTART_PREDICT_S)]
+    text = f"""## Cold start (issue 13)
+
+`{r['command']}` (raw: `benchmarks/results/coldstart.json`): {r['images']:,} JPEGs, each command a fresh
+`python -m featcache.cli` process (median of {r['repeat']}); {m['cpu']}, {m['cpus']} CPUs ({', '.join(m['flags'])}),
+first run {r['first_run']['precision']} on {r['first_run']['device']}.
+
+| command | wall s | CPU s | heavy modules imported | target | |
+|---|---|---|---|---|---|
+"""
+    for name, x, target, ok in rows:
+        imported = ", ".join(x["imports"]) or "none" if "imports" in x else ""
+        text += f"| {name} | {x['wall_s']} | {x.get('cpu_s', '')} | {imported} | " \
+                f"{'' if target is None else f'≤ {target:g} s'} | {'' if ok is None else verdict(ok)} |\n"
+    if not full:
+        text += f"\nThe no-op target is for {T.COLDSTART_NOOP_IMAGES:,} images; this run had {r['images']:,}.\n"
     return text
 
 
 SECTIONS = (section_extraction, section_search, section_heads, section_finetune, section_hostile, section_ray,
-            section_advise)
+            section_runtimes, section_coldstart, section_ensemble, section_advise)
 
 
 def render(folder: Path = RESULTS) -> str:

@@ -5,6 +5,10 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("SCIPY_ARRAY_API", "1")  # read when scipy is imported: sklearn's array-API checks run, not skip
+# The CPU's measured runtime choice (and int8 quantisation) is tested in test_runtimes.py with its own
+# model cache; everywhere else ``auto`` means torch fp32, so results do not depend on which CPU CI drew.
+os.environ.setdefault("FEATCACHE_RUNTIME", "torch")
+os.environ.setdefault("FEATCACHE_PRECISION", "fp32")
 
 import shutil
 from pathlib import Path

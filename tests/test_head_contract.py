@@ -27,6 +27,7 @@ FAST = {
     "logreg": {"Cs": (0.1, 1.0), "path_iter": 5, "threads": 1},
     "linear-svm": {"Cs": (0.1, 1.0), "path_iter": 5, "threads": 1},
     "knn": {"n_neighbors": 3, "threads": 1},
+    "ensemble": {"member_params": {"Cs": (0.1, 1.0), "path_iter": 5}, "threads": 1},
     "mlp": {"hidden": 32, "lr": 0.05, "batch_size": 32, "max_epochs": 20, "patience": 5, "max_seconds": None,
             "threads": 1},
 }

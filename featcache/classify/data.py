@@ -66,6 +66,32 @@ def align(a: Labelled, b: Labelled) -> Labelled:
     return b.subset(idx)
 
 
+def load_aligned(cache: FeatureCache, fingerprints: list[str], tap: str = "final",
+                 conflicts: str = "drop") -> tuple[list[Labelled], dict]:
+    """Each fingerprint's labelled rows of ``tap``, restricted to the images every one holds, in one order.
+
+    An ensemble needs every member's vector of an image: images one backbone lacks (not yet
+    extracted, or failed to decode there) are dropped; ``info["dropped"]`` counts them per fingerprint.
+    """
+    parts = [load_labelled(cache, fp, tap, conflicts) for fp in fingerprints]
+    common = set(parts[0].sha256.tolist()).intersection(*(p.sha256.tolist() for p in parts[1:]))
+    order = parts[0].sha256[np.isin(parts[0].sha256, list(common))]
+    if not len(order):
+        raise UsageError(f"no labelled image of cache {cache.root} has tap {tap} in every one of "
+                         f"{', '.join(fingerprints)}; extract the same images with each backbone")
+    aligned = [p if np.array_equal(p.sha256, order) else p.subset(rows_of(p.sha256, order)) for p in parts]
+    info = {"rows": len(order), "dropped": {p.fingerprint: len(p) - len(order) for p in parts}}
+    return aligned, info
+
+
+def concatenated(parts: list[Labelled]) -> Labelled:
+    """Aligned members' rows side by side (an ensemble head's input); fingerprint ``A+B+...``."""
+    first = parts[0]
+    X = np.hstack([p.X for p in parts])
+    return Labelled("+".join(p.fingerprint for p in parts), first.tap, X, first.y, first.sha256, first.keys,
+                    first.conflicts)
+
+
 def holdout_split(y: np.ndarray, fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Stratified (train, test) indices."""
     if not 0 < fraction < 1:

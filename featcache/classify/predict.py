@@ -2,8 +2,10 @@
 
 Images whose content (sha256) is already in the cache (``--cache`` or the one named in
 the manifest) reuse their cached vectors; the rest are embedded with the head's own
-backbone, rebuilt from the manifest, so the fingerprint is guaranteed to match. A file
-that cannot be read or decoded gets its own error; the others are still predicted.
+backbone, rebuilt from the manifest, so the fingerprint is guaranteed to match. An
+ensemble head does this for each member backbone, then reads the members' vectors side
+by side. A file that cannot be read or decoded gets its own error; the others are still
+predicted.
 """
 
 from __future__ import annotations
@@ -15,35 +17,44 @@ import numpy as np
 from ..errors import FeatcacheError, FingerprintMismatch
 from ..hashing import sha256_bytes
 from ..store.cache import FeatureCache, rows_of
-from .bundle import HeadBundle, load_bundle
+from .bundle import Member, load_bundle
 
 
-def _cached_vectors(bundle: HeadBundle, cache_dir: str | None, explicit: bool, shas: dict[int, str]) -> dict[int, np.ndarray]:
-    if not cache_dir or not shas:
-        return {}
+def _open_cache(bundle_path: Path, members: list[Member], cache_dir: str | None, explicit: bool) -> FeatureCache | None:
+    """The cache to reuse vectors from; an explicitly named one must hold at least one member's fingerprint."""
+    if not cache_dir:
+        return None
     try:
         cache = FeatureCache(cache_dir)
     except FeatcacheError:
         if explicit:
             raise
-        return {}  # the training cache moved or was deleted: embed instead
-    if bundle.fingerprint not in cache.fingerprints():
+        return None  # the training cache moved or was deleted: embed instead
+    held = cache.fingerprints()
+    if not any(m.fingerprint in held for m in members):
         if explicit:
             raise FingerprintMismatch(
-                f"head {bundle.path} has fingerprint {bundle.fingerprint}; cache {cache_dir} holds "
-                f"{', '.join(cache.fingerprints()) or 'no fingerprints'}")
+                f"head {bundle_path} has fingerprint {'+'.join(m.fingerprint for m in members)}; cache {cache_dir} "
+                f"holds {', '.join(held) or 'no fingerprints'}")
+        return None
+    return cache
+
+
+def _cached_vectors(cache: FeatureCache | None, member: Member, shas: dict[int, str]) -> dict[int, np.ndarray]:
+    if cache is None or not shas or member.fingerprint not in cache.fingerprints():
         return {}
-    if bundle.tap not in cache.group_attrs(bundle.fingerprint)["taps"]:
+    if member.tap not in cache.group_attrs(member.fingerprint)["taps"]:
         return {}
-    feats = cache.read(bundle.fingerprint, bundle.tap)
+    feats = cache.read(member.fingerprint, member.tap)
     rows = rows_of(feats.sha256, list(shas.values()))
     return {i: feats.vectors[r] for i, r in zip(shas, rows) if r >= 0}
 
 
 def predict(head_dir: str, images: list[str], cache: str | None = None, device: str = "auto",
-            batch_size: int = 16, top_k: int = 3) -> dict:
+            batch_size: int = 16, top_k: int = 3, runtime: str = "auto", precision: str = "auto") -> dict:
     """Labels with probabilities for ``images`` (paths); per-file errors instead of a crash."""
     bundle = load_bundle(head_dir)
+    members = bundle.members
     results: list[dict] = [{"image": str(p)} for p in images]
     data: dict[int, bytes] = {}
     for i, p in enumerate(images):
@@ -52,36 +63,58 @@ def predict(head_dir: str, images: list[str], cache: str | None = None, device: 
         except OSError as e:
             results[i]["error"] = f"unreadable file: {e.strerror or e}"
     shas = {i: sha256_bytes(b) for i, b in data.items()}
-    vectors = _cached_vectors(bundle, cache or bundle.manifest.get("cache"), cache is not None, shas)
-    for i in vectors:
-        results[i]["source"] = "cache"
-    todo = [i for i in data if i not in vectors]
-    if todo:
-        vectors.update(_embed(bundle, {i: data[i] for i in todo}, results, device, batch_size))
-    ok = sorted(vectors)
+    store = _open_cache(bundle.path, members, cache or bundle.manifest.get("cache"), cache is not None)
+    per_member: list[dict[int, np.ndarray]] = []
+    embedded: set[int] = set()
+    pixels: dict = {}  # decoded images per preprocessing, shared by the members
+    for m in members:
+        vectors = _cached_vectors(store, m, shas)
+        todo = {i: data[i] for i in data if i not in vectors and "error" not in results[i]}
+        if todo:
+            vectors.update(_embed(m, todo, results, pixels, device, batch_size, runtime, precision,
+                                  cache or bundle.manifest.get("cache")))
+            embedded |= todo.keys()
+        per_member.append(vectors)
+    ok = [i for i in sorted(data) if "error" not in results[i] and all(i in v for v in per_member)]
     if ok:
-        proba = bundle.predict_proba(np.stack([vectors[i] for i in ok]), bundle.fingerprint)
+        proba = bundle.predict_proba([np.stack([v[i] for i in ok]) for v in per_member],
+                                     [m.fingerprint for m in members])
         labels = bundle.labels
         for i, p in zip(ok, proba):
             order = np.argsort(-p)[:top_k]
             results[i].update({"label": labels[order[0]], "probability": float(p[order[0]]),
-                               "top": [{"label": labels[j], "probability": float(p[j])} for j in order]})
-    return {"head": str(bundle.path), "fingerprint": bundle.fingerprint, "tap": bundle.tap,
-            "predicted": len(ok), "failed": len(images) - len(ok), "results": results}
+                               "top": [{"label": labels[j], "probability": float(p[j])} for j in order],
+                               "source": "embedded" if i in embedded else "cache"})
+    out = {"head": str(bundle.path), "fingerprint": bundle.fingerprint, "tap": bundle.tap,
+           "predicted": len(ok), "failed": len(images) - len(ok), "results": results}
+    if bundle.is_ensemble:
+        out["members"] = [{"fingerprint": m.fingerprint, "backbone": m.backbone.get("name")} for m in members]
+    return out
 
 
-def _embed(bundle: HeadBundle, data: dict[int, bytes], results: list[dict], device: str,
-           batch_size: int) -> dict[int, np.ndarray]:
+def _embed(member: Member, data: dict[int, bytes], results: list[dict], pixels: dict, device: str,
+           batch_size: int, runtime: str = "auto", precision: str = "auto",
+           cache: str | None = None) -> dict[int, np.ndarray]:
+    """``member``'s vectors of the images in ``data``; a failed decode becomes that image's error.
+
+    ``pixels`` keeps the decoded images per preprocessing, so members that share one decode once.
+    """
     import torch
 
     from ..extract.decode import load_image
     from ..extract.embedder import embedder_for
+    from ..progress import loading
 
-    m = bundle.manifest
-    emb = embedder_for(m["backbone"], m["fingerprint_description"], [bundle.tap], device)
-    bundle.check(emb.fingerprint, f"embeddings of backbone {emb.spec.name}")
-    decoded: dict[int, torch.Tensor] = {}
+    with loading(member.backbone["name"]):
+        emb = embedder_for(member.backbone, member.canon, [member.tap], device, runtime=runtime, precision=precision,
+                           cache=cache)
+    if emb.fingerprint != member.fingerprint:
+        raise FingerprintMismatch(f"backbone {emb.spec.name} now gives fingerprint {emb.fingerprint}, the head "
+                                  f"was trained on {member.fingerprint}")
+    decoded: dict[int, torch.Tensor] = pixels.setdefault(emb.spec.preprocess, {})
     for i, b in data.items():
+        if i in decoded:
+            continue
         try:
             decoded[i] = load_image(b, emb.spec.preprocess)
         except FeatcacheError as e:
@@ -89,11 +122,9 @@ def _embed(bundle: HeadBundle, data: dict[int, bytes], results: list[dict], devi
         except Exception as e:  # noqa: BLE001 - a hostile file must not stop the others
             results[i]["error"] = f"decoder error: {type(e).__name__}: {e}"
     out: dict[int, np.ndarray] = {}
-    idx = sorted(decoded)
+    idx = sorted(i for i in data if i in decoded)
     for s in range(0, len(idx), batch_size):
         part = idx[s : s + batch_size]
-        vecs = emb.embed(torch.stack([decoded[i] for i in part]))[bundle.tap]
-        for i, v in zip(part, vecs):
-            out[i] = v
-            results[i]["source"] = "embedded"
+        vecs = emb.embed(torch.stack([decoded[i] for i in part]))[member.tap]
+        out.update(zip(part, vecs))
     return out

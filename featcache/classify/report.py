@@ -130,9 +130,9 @@ def misclassified_image(items: list[dict], size: int = 96, cols: int = 8) -> Ima
 
 
 def comparison_image(results: list[dict], width: int = 520) -> Image.Image:
-    """Horizontal bars: accuracy of every trained (tap, head)."""
+    """Horizontal bars: accuracy of every trained (tap, head, backbone)."""
     font = _font(11)
-    names = [f"{r['tap']} / {r['head']}" for r in results]
+    names = [r["name"] for r in results]
     margin = 12 + max(int(font.getlength(n)) for n in names)
     bar_h = 20
     img = Image.new("RGB", (margin + width + 60, 20 + bar_h * len(results) + 10), "white")
@@ -158,11 +158,30 @@ def misclassified(ev: Evaluation, cache: FeatureCache, limit: int = 48) -> list[
              "predicted": str(ev.classes[pred[i]]), "probability": float(conf[i])} for i, r in zip(wrong, rows)]
 
 
+def _ensembles_html(summary: dict) -> str:
+    """Each ensemble against the single backbones on the same split: weights, validation choice, rows left out."""
+    rows = [r for r in summary["results"] if "weights" in r]
+    if not rows:
+        return ""
+    esc = html.escape
+    members = "".join(f"<tr><td>{esc(m['backbone'])}</td><td><code>{esc(m['fingerprint'])}</code></td><td>{m['dim']}</td>"
+                      f"<td>{m['dropped_rows']}</td></tr>" for m in summary.get("members", []))
+    parts = ["<h2>Ensembles</h2><table><tr><th>backbone</th><th>fingerprint</th><th>dim</th>"
+             f"<th>images left out (not in every backbone)</th></tr>{members}</table>"]
+    for r in rows:
+        cells = "".join(f"<tr><td>{esc(b)}</td><td>{r['singles'][b]:.4f}</td><td>{w:.3f}</td></tr>"
+                        for b, w in r["weights"].items())
+        parts.append(f"<h3>{esc(r['name'])}: {r['accuracy']:.4f} (best single {esc(r['best_single']['backbone'])} "
+                     f"{r['best_single']['accuracy']:.4f}; validation chose {esc(r['choice'])})</h3>"
+                     f"<table><tr><th>backbone</th><th>alone</th><th>weight</th></tr>{cells}</table>")
+    return "\n".join(parts)
+
+
 def write_report(path: str | Path, summary: dict, evals: list[Evaluation], cache: FeatureCache) -> dict:
     """Write PATH (HTML) and PATH with suffix .json; returns the JSON document."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    best = next(e for e in evals if (e.tap, e.head) == (summary["best"]["tap"], summary["best"]["head"]))
+    best = next(e for e in evals if e.name == summary["best"]["name"])
     m = best.metrics
     wrong = misclassified(best, cache)
     doc = {**summary, "misclassified": wrong, "report_html": str(path)}
@@ -178,7 +197,7 @@ def write_report(path: str | Path, summary: dict, evals: list[Evaluation], cache
         f"<tr><td>{esc(c)}</td><td>{v['precision']:.3f}</td><td>{v['recall']:.3f}</td><td>{v['f1']:.3f}</td>"
         f"<td>{v['support']}</td></tr>" for c, v in m["per_class"].items())
     comp = "".join(
-        f"<tr><td>{esc(r['tap'])}</td><td>{esc(r['head'])}</td><td>{r['accuracy']:.4f}</td><td>{r['macro_f1']:.4f}</td>"
+        f"<tr><td>{esc(r['name'])}</td><td>{r['accuracy']:.4f}</td><td>{r['macro_f1']:.4f}</td>"
         f"<td>{r['ece']:.3f}</td><td>{r['train_seconds']:.2f}</td></tr>" for r in summary["results"])
     ev_info = ", ".join(f"{k}={v}" for k, v in summary["evaluation"].items())
     img = lambda name: f'<img alt="{name}" src="data:image/png;base64,{_png(figs[name])}">'  # noqa: E731
@@ -186,7 +205,7 @@ def write_report(path: str | Path, summary: dict, evals: list[Evaluation], cache
         "<!doctype html><html><head><meta charset='utf-8'><title>featcache head report</title>",
         "<style>body{font-family:sans-serif;margin:24px;max-width:1100px}table{border-collapse:collapse}"
         "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}td:first-child{text-align:left}</style></head><body>",
-        f"<h1>Head report: {esc(summary['best']['head'])} on tap {esc(summary['best']['tap'])}</h1>",
+        f"<h1>Head report: {esc(summary['best']['name'])}</h1>",
         f"<p>cache <code>{esc(summary['cache'])}</code>, backbone {esc(str(summary['backbone']))}, fingerprint "
         f"<code>{esc(summary['fingerprint'])}</code>; {summary['labelled_rows']} labelled images, "
         f"{summary['classes']} classes; evaluation: {esc(ev_info)}.</p>",
@@ -194,8 +213,9 @@ def write_report(path: str | Path, summary: dict, evals: list[Evaluation], cache
         f"<th>train seconds</th><th>test images</th></tr><tr><td>{m['accuracy']:.4f}</td><td>{m['macro_f1']:.4f}</td>"
         f"<td>{m['log_loss'] if m['log_loss'] is None else round(m['log_loss'], 4)}</td><td>{m['ece']:.4f}</td>"
         f"<td>{summary['train_seconds']:.2f}</td><td>{m['n']}</td></tr></table>",
-        "<h2>Heads and taps compared</h2><table><tr><th>tap</th><th>head</th><th>accuracy</th><th>macro-F1</th>"
+        "<h2>Heads and taps compared</h2><table><tr><th>tap / head / backbone</th><th>accuracy</th><th>macro-F1</th>"
         f"<th>ECE</th><th>train s</th></tr>{comp}</table>",
+        _ensembles_html(summary),
         img("comparison") if "comparison" in figs else "",
         f"<h2>Per class</h2><table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>{rows}</table>",
         "<h2>Confusion matrix</h2>", img("confusion"),

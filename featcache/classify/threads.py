@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from ..runtime import available_cpus
 
 SMALL_WORK = 4_000_000  # rows x dims below which one thread beats several (per-op sync costs)
@@ -20,6 +18,8 @@ def thread_count(threads: int | None = None, work: int | None = None) -> int:
 
 def set_threads(threads: int | None = None, work: int | None = None) -> int:
     """Set torch's thread count to ``thread_count(threads, work)``."""
+    import torch
+
     n = thread_count(threads, work)
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)

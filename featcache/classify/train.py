@@ -4,6 +4,11 @@ Evaluation is one of: stratified K-fold (``cv``; the saved head is then refitted
 labelled rows), a stratified hold-out fraction (``test_split``), or the rows whose images
 are in a folder/CSV (``test_source``). Several heads and taps may be trained in one run;
 the best by accuracy (then macro-F1) is saved and all appear in the comparison.
+
+Several fingerprints (``fingerprint`` as a list) train an ensemble: the
+rows are the images labelled in every fingerprint (aligned by sha256), each head kind is
+trained on every backbone alone and as the members of one ``EnsembleHead`` on the
+backbones' vectors side by side, all on the same split; the best ensemble is saved.
 """
 
 from __future__ import annotations
@@ -16,8 +21,8 @@ import numpy as np
 from ..errors import UsageError
 from ..store.cache import FeatureCache
 from ..store.outputs import writable_dir
-from .bundle import save_bundle
-from .data import Labelled, align, holdout_split, kfold, load_labelled, source_split
+from .bundle import Member, ensemble_fields, joined_fingerprint, save_bundle
+from .data import Labelled, align, concatenated, holdout_split, kfold, load_aligned, load_labelled, source_split
 from .heads import Head, make_head
 from .metrics import evaluate
 
@@ -26,7 +31,7 @@ from .metrics import evaluate
 class TrainConfig:
     cache: str
     out: str | None
-    fingerprint: str | None = None
+    fingerprint: str | list[str] | None = None  # several: an ensemble over those backbones
     taps: list[str] = field(default_factory=lambda: ["final"])
     heads: list[str] = field(default_factory=lambda: ["logreg"])
     cv: int | None = None
@@ -39,7 +44,7 @@ class TrainConfig:
 
 @dataclass
 class Evaluation:
-    """Test-set predictions of one (tap, head): what the report draws."""
+    """Test-set predictions of one (tap, head, backbone): what the report draws."""
 
     tap: str
     head: str
@@ -49,6 +54,7 @@ class Evaluation:
     sha256: np.ndarray
     keys: np.ndarray
     metrics: dict
+    name: str = ""  # the result's ``name`` (unique in one run)
 
 
 def _params(cfg: TrainConfig, kind: str) -> dict:
@@ -72,8 +78,9 @@ def _fit(kind: str, params: dict, X: np.ndarray, y: np.ndarray) -> tuple[Head, f
     return head, time.perf_counter() - t
 
 
-def _evaluate_one(cfg: TrainConfig, data: Labelled, kind: str, split) -> tuple[Head, Evaluation, dict]:
-    params = _params(cfg, kind)
+def _evaluate_one(cfg: TrainConfig, data: Labelled, kind: str, split, params: dict | None = None,
+                  name: str = "") -> tuple[Head, Evaluation, dict]:
+    params = _params(cfg, kind) if params is None else params
     if cfg.cv:
         proba = None
         fold_acc, fold_secs = [], []
@@ -101,32 +108,67 @@ def _evaluate_one(cfg: TrainConfig, data: Labelled, kind: str, split) -> tuple[H
         extra = {"predict_seconds": time.perf_counter() - t}
     y_true = data.y[test_idx]
     metrics = evaluate(y_true, proba, classes)
-    summary = {"tap": data.tap, "head": kind, "params": head.get_params(), "train_seconds": secs,
+    name = name or f"{data.tap} / {kind}"
+    summary = {"name": name, "tap": data.tap, "head": kind, "params": head.get_params(), "train_seconds": secs,
                "train_rows": int(len(data) if cfg.cv else len(split[0])), "dim": int(data.X.shape[1]),
                "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "ece": metrics["ece"], **extra}
-    for name, value in _fitted_scalars(head).items():
-        summary.setdefault(name, value)
-    ev = Evaluation(data.tap, kind, y_true, proba, classes, data.sha256[test_idx], data.keys[test_idx], metrics)
+    for key, value in _fitted_scalars(head).items():
+        summary.setdefault(key, value)
+    ev = Evaluation(data.tap, kind, y_true, proba, classes, data.sha256[test_idx], data.keys[test_idx], metrics,
+                    name)
     return head, ev, summary
 
 
+def _fingerprints(cache: FeatureCache, cfg: TrainConfig) -> list[str]:
+    """The fingerprints to train on: ``cfg.fingerprint`` (one or several prefixes), or the cache's only one."""
+    given = [cfg.fingerprint] if isinstance(cfg.fingerprint, str) else list(cfg.fingerprint or [])
+    return list(dict.fromkeys(cache.resolve_fingerprint(f) for f in given or [None]))
+
+
+def _ensemble_params(cfg: TrainConfig, kind: str, widths: list[int]) -> dict:
+    """The ensemble's parameters: ``--param ensemble.*``, members of ``kind`` with ``--param KIND.*``."""
+    params = _params(cfg, "ensemble")
+    params.update(blocks=tuple(widths), member=kind, member_params=dict(cfg.params.get(kind, {})))
+    return params
+
+
+def _ensemble_report(head: Head, summary: dict, names: list[str], singles: dict[str, dict]) -> dict:
+    """An ensemble's row extras: its weights per backbone, and the single backbones' accuracy on the same split."""
+    best = max(singles.values(), key=lambda r: (r["accuracy"], r["macro_f1"]))
+    return {"weights": dict(zip(names, np.round(head.weights_, 4).tolist())), "choice": head.choice_,
+            "validation": head.validation_,
+            "singles": {n: round(r["accuracy"], 6) for n, r in singles.items()},
+            "best_single": {"backbone": best["backbone"], "accuracy": best["accuracy"]},
+            "gain_over_best_single": summary["accuracy"] - best["accuracy"]}
+
+
 def train(cfg: TrainConfig) -> tuple[dict, list[Evaluation]]:
-    """Train every (tap, head) pair; save the best as a bundle at ``cfg.out``; return summary + evaluations."""
+    """Train every (tap, head) pair; save the best as a bundle at ``cfg.out``; return summary + evaluations.
+
+    Over several fingerprints every head kind is trained on each backbone alone and as the
+    members of an ``EnsembleHead`` on the same rows and split; the best ensemble is saved.
+    """
     modes = sum(x is not None for x in (cfg.cv, cfg.test_split, cfg.test_source))
     if modes > 1:
         raise UsageError("use one of --cv, --test-split, --test-source")
     if modes == 0:
         cfg.test_split = 0.2
+    kinds = list(dict.fromkeys(cfg.heads))
+    if "ensemble" in kinds:
+        raise UsageError("the ensemble head is built from several backbones: give --fingerprint FP1 FP2 ..., "
+                         "and name the members' head kind with --head (default logreg)")
     if cfg.out:
         writable_dir(cfg.out)  # before the training time is spent
     cache = FeatureCache(cfg.cache)
-    fp = cache.resolve_fingerprint(cfg.fingerprint)
-    attrs = cache.group_attrs(fp)
     taps = list(dict.fromkeys(cfg.taps))
-    base = load_labelled(cache, fp, taps[0], cfg.label_conflicts)
-    datasets = {taps[0]: base}
+    fps = _fingerprints(cache, cfg)
+    attrs = {fp: cache.group_attrs(fp) for fp in fps}
+    names = [attrs[fp]["backbone"].get("name") for fp in fps]
+    parts, aligned = load_aligned(cache, fps, taps[0], cfg.label_conflicts)
+    datasets = {taps[0]: parts}
     for tap in taps[1:]:
-        datasets[tap] = align(base, load_labelled(cache, fp, tap, "keep"))
+        datasets[tap] = [align(p, load_labelled(cache, fp, tap, "keep")) for fp, p in zip(fps, parts)]
+    base = parts[0]
     split_info: dict = {}
     if cfg.cv:
         split = kfold(base.y, cfg.cv, cfg.seed)
@@ -143,29 +185,62 @@ def train(cfg: TrainConfig) -> tuple[dict, list[Evaluation]]:
         if missing:
             split_info["classes_only_in_test"] = sorted(missing)
 
+    ensemble = len(fps) > 1
     results, evals, best = [], [], None
     for tap in taps:
-        for kind in dict.fromkeys(cfg.heads):
-            head, ev, summary = _evaluate_one(cfg, datasets[tap], kind, split)
-            results.append(summary)
-            evals.append(ev)
-            if best is None or (summary["accuracy"], summary["macro_f1"]) > (best[2]["accuracy"], best[2]["macro_f1"]):
-                best = (head, ev, summary)
+        for kind in kinds:
+            singles = {}
+            for name, fp, data in zip(names, fps, datasets[tap]):
+                head, ev, summary = _evaluate_one(cfg, data, kind, split,
+                                                  name=f"{tap} / {kind} / {name}" if ensemble else "")
+                summary.update(backbone=name, fingerprint=fp)
+                singles[name] = summary
+                results.append(summary)
+                evals.append(ev)
+                if not ensemble and (best is None or _better(summary, best[2])):
+                    best = (head, ev, summary)
+            if ensemble:
+                data = concatenated(datasets[tap])
+                params = _ensemble_params(cfg, kind, [p.X.shape[1] for p in datasets[tap]])
+                head, ev, summary = _evaluate_one(cfg, data, "ensemble", split, params,
+                                                  name=f"{tap} / ensemble({kind}) / {len(fps)} backbones")
+                summary.update(backbone=joined_fingerprint(names), fingerprint=data.fingerprint, member=kind)
+                summary.update(_ensemble_report(head, summary, names, singles))
+                results.append(summary)
+                evals.append(ev)
+                if best is None or _better(summary, best[2]):
+                    best = (head, ev, summary)
     head, ev, summary = best
     out = {
-        "cache": str(cache.root), "fingerprint": fp, "backbone": attrs["backbone"].get("name"),
+        "cache": str(cache.root), "fingerprint": summary["fingerprint"], "backbone": summary["backbone"],
         "labelled_rows": len(base), "classes": len(np.unique(base.y)), "evaluation": split_info,
         "label_conflicts": {"images": base.conflicts, "policy": cfg.label_conflicts},
-        "results": results, "best": {"tap": summary["tap"], "head": summary["head"]},
+        "results": results, "best": {"name": summary["name"], "tap": summary["tap"], "head": summary["head"]},
         "metrics": ev.metrics, "train_seconds": summary["train_seconds"], "out": cfg.out,
     }
+    if ensemble:
+        out["members"] = [{"fingerprint": fp, "backbone": n, "dim": int(p.X.shape[1]),
+                           "dropped_rows": aligned["dropped"][fp]} for fp, n, p in zip(fps, names, parts)]
+        out["best"]["member"] = summary["member"]
     if cfg.out:
         metrics = {k: ev.metrics[k] for k in ("accuracy", "macro_f1", "log_loss", "ece", "n")}
         metrics.update({"evaluation": split_info, "train_seconds": summary["train_seconds"]})
         if "cv_accuracy_mean" in summary:
             metrics["cv_accuracy_mean"] = summary["cv_accuracy_mean"]
-        save_bundle(cfg.out, head, fingerprint=fp, canon=attrs["fingerprint"], backbone=attrs["backbone"],
-                    tap=summary["tap"], metrics=metrics, cache=cfg.cache,
-                    extra={"comparison": [{k: r[k] for k in ("tap", "head", "accuracy", "macro_f1", "train_seconds")}
-                                          for r in results]})
+        comparison = [{k: r[k] for k in ("name", "tap", "head", "backbone", "accuracy", "macro_f1", "train_seconds")}
+                      for r in results]
+        fp = summary["fingerprint"]
+        if ensemble:
+            members = [Member(f, attrs[f]["fingerprint"], attrs[f]["backbone"], summary["tap"], int(p.X.shape[1]))
+                       for f, p in zip(fps, parts)]
+            fields = ensemble_fields(members)
+        else:
+            members, fields = None, {"fingerprint": fp, "canon": attrs[fp]["fingerprint"],
+                                     "backbone": attrs[fp]["backbone"], "tap": summary["tap"]}
+        save_bundle(cfg.out, head, **fields, metrics=metrics, cache=cfg.cache, members=members,
+                    extra={"comparison": comparison})
     return out, evals
+
+
+def _better(a: dict, b: dict) -> bool:
+    return (a["accuracy"], a["macro_f1"]) > (b["accuracy"], b["macro_f1"])

@@ -12,18 +12,10 @@ import torch
 from torch import nn
 
 from ..errors import UsageError, WeightsError
-from .registry import PIP_HINT, package_file
+from .registry import RANDOM_WEIGHTS, sha256_file, weights_file, weights_present  # noqa: F401 - re-exported, torch-free homes
 from .spec import BackboneSpec
 
 log = logging.getLogger(__name__)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def sha256_state_dict(sd: dict[str, torch.Tensor]) -> str:
@@ -32,29 +24,6 @@ def sha256_state_dict(sd: dict[str, torch.Tensor]) -> str:
         h.update(k.encode())
         h.update(sd[k].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
-
-
-def weights_file(spec: BackboneSpec) -> Path | None:
-    """The local weights file for a spec, or None for download/random sources."""
-    w = spec.weights
-    if w.kind == "package":
-        path = package_file(w.ref)
-        if path is None:
-            pkg = w.ref.split(":", 1)[0]
-            raise WeightsError(
-                f"weights for {spec.name} are not installed: {PIP_HINT.get(pkg, 'install package ' + pkg)}"
-            )
-        return path
-    if w.kind == "file":
-        return Path(w.ref)
-    return None
-
-
-def weights_present(spec: BackboneSpec) -> bool:
-    try:
-        return spec.weights.kind == "random" or weights_file(spec) is not None or spec.weights.kind in ("timm", "torchvision")
-    except WeightsError:
-        return False
 
 
 def _construct(spec: BackboneSpec, pretrained: bool, num_classes: int | None) -> nn.Module:
@@ -111,7 +80,7 @@ def load_network(spec: BackboneSpec) -> tuple[nn.Module, str]:
     if w.kind == "random":
         torch.manual_seed(0)
         model = _construct(spec, pretrained=False, num_classes=num_classes)
-        return model.eval(), "random-seed0"
+        return model.eval(), RANDOM_WEIGHTS
     path = weights_file(spec)
     if path is None or not path.is_file():
         raise WeightsError(f"weights file {path} for {spec.name} does not exist")
@@ -324,6 +293,15 @@ class Backbone:
         for t in taps:
             self.tap_shape(t)
         return TapModel(self.blocks, self.stage_taps, self.pre_logits, taps).eval()
+
+    def early_convolutions(self) -> int:
+        """How many convolutions the blocks at 1/2 and 1/4 of the input size hold (int8 keeps these in fp32).
+
+        In mobile networks they lose the most to 8-bit weights and cost little (benchmarks/int8_scan.py).
+        """
+        crop = self.spec.preprocess.crop
+        early = [b for b, s in zip(self.blocks, self.block_shapes) if s[-1] * 4 >= crop]
+        return sum(isinstance(m, nn.Conv2d) for b in early for m in b.modules())
 
     def tap_dims(self, taps: list[str] | None = None) -> dict[str, int]:
         return {k: math.prod(self.tap_shape(k)) for k in (taps or self.shapes)}

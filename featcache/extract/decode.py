@@ -34,10 +34,9 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from ..errors import FeatcacheError, ImageError, TooLarge, UnsupportedMedia
 from .budget import DECODE_BUDGET
-from .headers import SUPPORTED, Header, check_pixels, sniff
+from .headers import DEFAULT_MAX_PIXELS, SUPPORTED, Header, check_pixels, sniff
 from .spec import Preprocess
 
-DEFAULT_MAX_PIXELS = 64_000_000
 RESIZE_EXACT_MAX_PIXELS = 1 << 24  # resized images up to this size take torch's one-shot resize (aspect <= 256:1)
 TILE_PIXELS = 1 << 20  # pixels converted to RGB at a time
 _TILE_BYTES = 48 * TILE_PIXELS  # the temporaries of one tile (float64 at worst)

@@ -1,122 +1,177 @@
-"""Device and precision selection, and the optimised forward pass shared by every caller.
+"""Device, runtime and precision selection, and the forward pass shared by every caller.
 
-The batch extractor, ``predict`` and the HTTP service all embed through ``Embedder``, so
-an image gets the same vector whichever path it takes (the fingerprint says how).
+The batch extractor, ``predict``, the HTTP service and finetune's prefix all embed through
+``Embedder``, so an image gets the same vector whichever path it takes (the fingerprint says
+how). The forward pass itself is a runner from ``extract/runtimes`` (torch or OpenVINO).
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
+import hashlib
 import logging
-import warnings
+from collections.abc import Callable
 
 import numpy as np
 import torch
-from torch import nn
 
-from ..errors import UsageError
+from ..errors import FingerprintMismatch, UsageError
 from ..runtime import available_cpus, tune_malloc
-from .backbone import Backbone
+from . import runtimes
+from .backbone import RAW, Backbone
+from .runtimes.calibration import MIN_CALIBRATION_IMAGES, Calibration
+from .runtimes.torch_runner import Normalised, TorchRunner
 from .spec import PRECISIONS, fingerprint
 
 log = logging.getLogger(__name__)
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_device(device: str = "auto") -> torch.device:
+    runtimes.check_device(device)
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise UsageError(f"--device must be auto, cpu or cuda, got {device!r}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError("--device cuda asked for, but torch sees no CUDA GPU")
     return torch.device(device)
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto``: bf16 (fp16 on pre-Ampere) on CUDA; fp32 on CPU, where half types rarely pay."""
-    if precision == "auto":
-        if device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return "fp32"
-    if precision not in PRECISIONS:
+    """On CUDA, ``auto`` is bf16 (fp16 on pre-Ampere); the CPU's ``auto`` is the gate's choice (runtimes.choice)."""
+    if precision == "auto" and device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if precision != "auto" and precision not in PRECISIONS:
         raise UsageError(f"--precision must be auto or one of {PRECISIONS}, got {precision!r}")
     if precision == "fp16" and device.type == "cpu":
-        raise UsageError("--precision fp16 needs a CUDA device; on CPU use fp32 or bf16")
+        raise UsageError("--precision fp16 needs a CUDA device; on CPU use fp32, bf16 or int8")
+    if precision == "int8" and device.type != "cpu":
+        raise UsageError("--precision int8 runs on the CPU (OpenVINO); on a GPU use bf16 or fp16")
     return precision
 
 
-class _Normalised(nn.Module):
-    """uint8 NCHW in, taps out: scaling and mean/std live inside the (traced) graph."""
+def quantisation_record(calibration: Calibration, fp32_convolutions: int) -> dict:
+    """What an int8 fingerprint records: the quantiser, its settings and the calibration set."""
+    from importlib.metadata import version
 
-    def __init__(self, model: nn.Module, mean, std):
-        super().__init__()
-        self.model = model
-        self.register_buffer("scale", 1.0 / (255.0 * torch.tensor(std).view(1, 3, 1, 1)))
-        self.register_buffer("shift", (torch.tensor(mean) / torch.tensor(std)).view(1, 3, 1, 1))
+    from .runtimes.openvino_runner import INT8_SCHEME
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        x = x.float() * self.scale - self.shift
-        return self.model(x.contiguous(memory_format=torch.channels_last))
+    return {"method": "nncf.quantize", "nncf": version("nncf"), "preset": "performance", "scheme": INT8_SCHEME,
+            "fp32_convolutions": fp32_convolutions, "calibration": calibration.record()}
 
 
 class Embedder:
-    """Embeds uint8 image batches into pooled taps with one backbone, device and precision."""
+    """Embeds uint8 image batches into pooled taps with one backbone, device, runtime and precision.
+
+    ``runtime``/``precision`` ``auto`` follow ``runtimes.choice.choose``. int8 needs
+    ``calibration`` (images of the collection, or a function giving them, called only when
+    int8 is possible); ``auto`` considers int8 only with at least 64 images, and keeps it only
+    if the model quantised on them passes the gate too.
+    The forward pass is prepared at the first ``embed`` (int8 chosen by ``auto``: at once).
+    """
 
     def __init__(self, backbone: Backbone, taps: list[str] | None = None, device: str = "auto",
-                 precision: str = "auto", threads: int | None = None, optimize: bool = True):
+                 precision: str = "auto", threads: int | None = None, optimize: bool = True,
+                 runtime: str = "auto", calibration: Calibration | Callable[[], Calibration] | None = None,
+                 streams: int = 1):
         self.backbone = backbone
         self.spec = backbone.spec
         self.taps = list(dict.fromkeys(taps or ["final"]))
         self.device = resolve_device(device)
-        self.precision = resolve_precision(precision, self.device)
-        self.fingerprint, self.canon = fingerprint(self.spec, backbone.weights_sha256, self.precision)
         self.threads = threads or available_cpus()
+        self.streams = streams
+        self.optimize = optimize
+        precision = resolve_precision(precision, self.device)
         if self.device.type == "cpu":
             tune_malloc()
             torch.set_num_threads(self.threads)
+            self._choose(runtime, precision, calibration)
         else:
+            if runtime not in ("auto", "torch"):
+                raise UsageError(f"--runtime {runtime} runs on the CPU; on a GPU use --runtime torch (or auto)")
             torch.backends.cudnn.benchmark = True
             torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32
             torch.backends.cudnn.allow_tf32 = False
+            self._set("torch", precision, None)
+
+    def _set(self, runtime: str, precision: str, calibration: Calibration | None) -> None:
+        if precision == "int8":
+            if calibration is None:
+                raise UsageError("--precision int8 needs images to calibrate on: extract calibrates on the collection "
+                                 "(Embedder(calibration=Calibration.from_source(...)) in Python)")
+            if raw := [t for t in self.taps if t.startswith(RAW)]:
+                raise UsageError(f"int8 embeds pooled taps only; {raw} need fp32 or bf16")
+            if len(calibration) < MIN_CALIBRATION_IMAGES:
+                log.warning("int8 calibrated on only %d images; %d or more give steadier ranges",
+                            len(calibration), MIN_CALIBRATION_IMAGES)
+        self.runtime, self.precision = runtime, precision
+        self.calibration = calibration if precision == "int8" else None
+        quant = quantisation_record(calibration, self.backbone.early_convolutions()) if precision == "int8" else None
+        self.fingerprint, self.canon = fingerprint(self.spec, self.backbone.weights_sha256, precision, runtime, quant)
+        self._runner = None
+
+    def _choose(self, runtime: str, precision: str, calibration) -> None:
+        from .runtimes.choice import choose
+
+        rt, prec = choose(self.backbone, runtime, precision)
+        if prec == "int8" and callable(calibration):
+            calibration = calibration()
+        if precision == "auto" and prec == "int8":
+            if calibration is None or len(calibration) < MIN_CALIBRATION_IMAGES or not self._int8_passes(calibration):
+                rt, prec = choose(self.backbone, runtime, precision, int8=False)
+        self._set(rt, prec, calibration if prec == "int8" else None)
+
+    def _int8_passes(self, calibration: Calibration) -> bool:
+        """The gate judged a model calibrated on other photos: judge the one calibrated on this collection."""
+        from .runtimes.choice import judge, photos, recorded
+
+        x, labels = photos(self.spec.preprocess)
+        ref = Embedder(self.backbone, ["final"], "cpu", "fp32", self.threads, runtime="torch").embed(x)["final"]
+        int8 = Embedder(self.backbone, ["final"], "cpu", "int8", self.threads, runtime="openvino", calibration=calibration)
+        verdict = judge(int8, x, labels, ref, ((recorded(self.backbone) or {}).get("gate") or {}).get("fp32_top1"))
+        if not verdict["passes"]:
+            log.warning("int8 calibrated on this collection fails the accuracy gate (%s); using the next best", verdict)
+        return verdict["passes"]
+
+    # -- the forward pass --------------------------------------------------------
+    def _module(self, taps: list[str]) -> torch.nn.Module:
         pre = self.spec.preprocess
-        net = _Normalised(backbone.tap_model(self.taps), pre.mean, pre.std).eval()
-        if self.device.type != "cpu":
-            net = copy.deepcopy(net)  # the Backbone's own modules stay on the CPU for other users
-        net = net.to(self.device, memory_format=torch.channels_last)
-        self.module = net
-        self._optimised = None
-        self._want_jit = optimize and self.device.type == "cpu" and self.precision == "fp32"
+        net = Normalised(self.backbone.tap_model(taps), pre.mean, pre.std).eval()
+        return copy.deepcopy(net) if self.device.type != "cpu" else net  # the Backbone stays on the CPU
 
-    def _autocast(self):
-        if self.precision == "fp32":
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=_DTYPES[self.precision])
+    def _model_taps(self) -> list[str]:
+        """int8: every pooled tap, so the quantised numbers do not depend on which taps were asked."""
+        if self.precision != "int8":
+            return self.taps
+        return sorted(set(self.taps) | {t for t in self.backbone.tap_names if not t.startswith(RAW)})
 
-    def _forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        if self._want_jit and self._optimised is None:
-            self._optimised = self._trace(x)
-        fn = self._optimised or self.module
-        with torch.inference_mode(), self._autocast():
-            return fn(x)
+    def prepared_dir(self):
+        """Where this runtime keeps its prepared model on disk (None: prepared in memory each run).
 
-    def _trace(self, x: torch.Tensor):
-        """On CPU fp32: trace + freeze (folds BatchNorm into convs, fuses activations)."""
-        try:
-            with torch.no_grad(), warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                traced = torch.jit.trace(self.module, x[:1].clone(), strict=False, check_trace=False)
-                frozen = torch.jit.freeze(traced)
-                frozen(x[:1].clone())  # first call runs the optimisation passes
-            return frozen
-        except Exception as e:  # noqa: BLE001 - any failure just means eager mode
-            log.warning("TorchScript freeze failed for %s (%s); using eager mode", self.spec.arch, e)
-            self._want_jit = False
+        Keyed by fingerprint and taps, not by the OpenVINO version: the IR reads in later versions,
+        and an int8 model must stay the one its fingerprint was made with (compiled kernels are
+        cached per version by OpenVINO itself).
+        """
+        if self.runtime != "openvino":
             return None
+        taps = hashlib.sha256(",".join(self._model_taps()).encode()).hexdigest()[:12]
+        return runtimes.model_cache() / self.fingerprint / f"openvino-{self.precision}-{taps}"
 
-    def embed(self, batch: torch.Tensor, pad_to: int | None = None) -> dict[str, np.ndarray]:
-        """uint8 (N, 3, H, W) on the CPU to {tap: float32 (N, dim)} numpy arrays.
+    @property
+    def runner(self) -> runtimes.Runner:
+        if self._runner is None:
+            if self.runtime == "torch":
+                self._runner = TorchRunner(self._module(self.taps), self.device, self.precision, self.optimize)
+            else:
+                from .runtimes import openvino_runner as ovr
+
+                model_taps = self._model_taps()
+                xml = ovr.prepare(self.prepared_dir(), lambda: self._module(model_taps), self.spec.preprocess.crop,
+                                  self.canon.get("quantization"),
+                                  lambda: self.calibration.images(self.spec.preprocess))
+                self._runner = ovr.OpenVINORunner(xml, self.taps, self.precision, self.threads, self.streams)
+        return self._runner
+
+    def embed(self, batch, pad_to: int | None = None) -> dict[str, np.ndarray]:
+        """uint8 (N, 3, H, W) (torch or numpy) on the CPU to {tap: float32 (N, dim)} numpy arrays.
 
         ``pad_to``: run the forward pass on the batch padded with zero images to this size and
         return only the N real rows. Callers keep to a few fixed sizes this way, because the
@@ -124,11 +179,10 @@ class Embedder:
         """
         n = len(batch)
         if pad_to is not None and pad_to > n:
+            batch = torch.as_tensor(batch)
             batch = torch.cat([batch, batch.new_zeros((pad_to - n, *batch.shape[1:]))])
-        if self.device.type == "cuda":
-            batch = batch.pin_memory().to(self.device, non_blocking=True)
-        out = self._forward(batch)
-        return {k: v[:n].float().cpu().numpy() for k, v in out.items()}
+        out = self.runner.run(batch)
+        return {k: v[:n] for k, v in out.items()}
 
     def classify_imagenet(self, final: np.ndarray) -> np.ndarray:
         """Logits of the backbone's original classifier over the final tap (N, classes)."""
@@ -136,27 +190,56 @@ class Embedder:
         if clf is None:
             raise UsageError(f"{self.spec.name} has no classifier layer to apply")
         with torch.inference_mode():
-            return clf.eval()(torch.from_numpy(final)).numpy()
+            return clf.eval()(torch.from_numpy(np.ascontiguousarray(final, dtype=np.float32))).numpy()
 
     def describe(self) -> dict:
         return {"fingerprint": self.fingerprint, "backbone": self.spec.name, "device": str(self.device),
-                "precision": self.precision, "taps": self.taps}
+                "runtime": self.runtime, "precision": self.precision, "taps": self.taps}
 
 
 def embedder_for(description: dict, canon: dict, taps: list[str] | None = None, device: str = "auto",
-                 threads: int | None = None) -> Embedder:
+                 threads: int | None = None, runtime: str = "auto", precision: str = "auto",
+                 cache: str | None = None, streams: int = 1) -> Embedder:
     """The embedder that reproduces a stored fingerprint (cache group, head or index manifest).
 
     ``description`` is the stored ``BackboneSpec.describe()``, ``canon`` the stored
-    fingerprint description; the rebuilt embedder must hash to the same fingerprint.
+    fingerprint description; the rebuilt embedder must hash to the same fingerprint. The
+    precision is the stored one; the runtime is free where it gives the same numbers (fp32).
+    An int8 model comes from the model cache, or is quantised again on the recorded
+    calibration images found in ``cache``.
     """
-    from ..errors import FingerprintMismatch
     from .registry import spec_from_description
 
-    emb = Embedder(Backbone.load(spec_from_description(description)), taps, device, canon["precision"], threads)
+    stored = canon["precision"]
+    if precision not in ("auto", stored):
+        raise FingerprintMismatch(f"these vectors were made in {stored}; --precision {precision} would not match them "
+                                  f"(leave it auto)")
+    if "runtime" in canon:
+        if runtime not in ("auto", canon["runtime"]):
+            raise FingerprintMismatch(f"these vectors were made by {canon['runtime']} {stored}; "
+                                      f"--runtime {runtime} would not match them (leave it auto)")
+        runtime = canon["runtime"]
+    elif stored != "fp32":
+        runtime = "torch"
+    backbone = Backbone.load(spec_from_description(description))
+    calibration = None
+    if stored == "int8":
+        calibration = _stored_calibration(canon, cache)
+    emb = Embedder(backbone, taps, device, stored, threads, runtime=runtime, calibration=calibration, streams=streams)
     if emb.canon != canon:
-        diff = sorted(k for k in canon if canon.get(k) != emb.canon.get(k))
+        diff = sorted(k for k in canon.keys() | emb.canon.keys() if canon.get(k) != emb.canon.get(k))
         raise FingerprintMismatch(
             f"backbone {description['name']} now gives fingerprint {emb.fingerprint}, which differs from the "
             f"stored one in {diff}; re-extract with the current weights or restore the original ones")
     return emb
+
+
+def _stored_calibration(canon: dict, cache: str | None) -> Calibration:
+    """The calibration of a stored int8 fingerprint: no images needed while its model is on disk."""
+    record = canon["quantization"]["calibration"]
+    if cache is not None:
+        try:
+            return Calibration.from_cache(cache, record)
+        except (FingerprintMismatch, OSError):
+            pass
+    return Calibration.from_record(record)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from ..errors import ImageError, TooLarge, UnsupportedMedia
 
 # Limits far above any real image, low enough that the Python loops they bound stay ~0.1-1 s.
+DEFAULT_MAX_PIXELS = 64_000_000  # larger images are refused (decompression bombs); --max-pixels
 MAX_JPEG_SEGMENTS = 1024  # markers before EOI; Pillow parses those before the first scan in Python
 MAX_JPEG_STRAY_BYTES = 65_536  # junk between segments before the first scan, stepped over byte by byte
 MAX_JPEG_SCANS = 100  # libjpeg writes 10 progressive scans, mozjpeg ~10-20

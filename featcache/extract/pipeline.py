@@ -10,20 +10,26 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from ..errors import UsageError
+from ..errors import NotFoundError, UsageError
 from ..progress import Progress
 from ..runtime import available_cpus
 from ..store.cache import FeatureCache, FeatureGroup, writer_lock
-from .backbone import Backbone
-from .decode import DEFAULT_MAX_PIXELS
-from .embedder import Embedder
 from .engines import ENGINES
+from .headers import DEFAULT_MAX_PIXELS
+from .keep import Kept, kept_group
 from .registry import DEFAULT_BACKBONE, resolve
+from .runtimes import check_device
 from .sources import Item, Listing, list_source
+from .spec import BackboneSpec
 from .stages import DEFAULT_MAX_FILE_BYTES
 from .writer import CacheWriter, TapCatchUp
+
+if TYPE_CHECKING:  # torch: imported only when a model is built
+    from .embedder import Embedder
 
 
 @dataclass
@@ -34,6 +40,7 @@ class ExtractConfig:
     weights: str | None = None
     taps: list[str] = field(default_factory=lambda: ["final"])
     precision: str = "auto"
+    runtime: str = "auto"  # auto | torch | openvino (extract/runtimes)
     device: str = "auto"
     batch_size: int | None = None
     workers: int | None = None
@@ -60,45 +67,86 @@ def cached_images(cache: FeatureCache) -> Listing:
 
 
 class Target:
-    """One backbone of a run: its embedder and the cache group of its fingerprint."""
+    """One backbone of a run: its fingerprint, the cache group of it, and its embedder, built on first use.
 
-    def __init__(self, embedder: Embedder):
-        self._embedder = embedder
+    The fingerprint is known before any model: from the embedder a first run builds, or from the
+    group the cache already holds (``keep.Kept``), whose model is loaded only when an image, or a
+    tap to catch up, needs it.
+    """
+
+    def __init__(self, spec: BackboneSpec, taps: list[str], fingerprint: str, canon: dict, runtime: str,
+                 build: Callable[[list[str]], Embedder], embedder: Embedder | None = None,
+                 dims: dict[str, int] | None = None):
+        self.spec, self.taps, self.fingerprint, self.canon = spec, list(dict.fromkeys(taps)), fingerprint, canon
+        self._runtime, self._build, self._embedder, self._dims = runtime, build, embedder, dims
         self.group: FeatureGroup | None = None
         self.catch_up: TapCatchUp | None = None  # taps added to the group after its rows were written
 
-    @property
-    def fingerprint(self) -> str:
-        return self._embedder.fingerprint
+    @classmethod
+    def built(cls, emb: Embedder) -> Target:
+        """A target whose embedder exists already (a first run, or one handed to ``Extraction``)."""
+        return cls(emb.spec, emb.taps, emb.fingerprint, emb.canon, emb.runtime, lambda taps: emb, emb)
+
+    @classmethod
+    def kept(cls, spec: BackboneSpec, taps: list[str], kept: Kept, device: str, cache: str) -> Target:
+        """A target keeping an existing group: ``embedder_for`` rebuilds (and checks) its fingerprint when needed."""
+        def build(wanted: list[str]) -> Embedder:
+            from .embedder import embedder_for
+
+            return embedder_for(spec.describe(), kept.canon, wanted, device, runtime=kept.runtime, cache=cache)
+
+        return cls(spec, taps, kept.fingerprint, kept.canon, kept.runtime, build, dims=kept.taps)
 
     @property
-    def spec(self):
-        return self._embedder.spec
+    def loaded(self) -> bool:
+        return self._embedder is not None
 
     @property
     def embedder(self) -> Embedder:
         """The embedder, computing every tap the fingerprint's group holds (so all taps advance together)."""
         emb = self._embedder
-        if self.group is not None and set(self.group.taps) != set(emb.taps):
-            emb = Embedder(emb.backbone, sorted(self.group.taps), str(emb.device), emb.precision, emb.threads)
-            self._embedder = emb
+        wanted = sorted(self.group.taps) if self.group is not None else self.taps
+        if emb is None:
+            emb = self._build(wanted)
+        elif set(wanted) != set(emb.taps):
+            from .embedder import Embedder
+
+            emb = Embedder(emb.backbone, wanted, str(emb.device), emb.precision, emb.threads,
+                           runtime=emb.runtime, calibration=emb.calibration)
+        self._embedder = emb
         return emb
 
     def description(self) -> dict:
         """What rebuilds this embedder elsewhere (a Ray worker): ``embedder_for``'s inputs + the fingerprint."""
-        emb = self._embedder
-        return {"description": emb.spec.describe(), "canon": emb.canon, "fingerprint": emb.fingerprint}
+        runtime = self._embedder.runtime if self._embedder is not None else self._runtime
+        return {"description": self.spec.describe(), "canon": self.canon, "fingerprint": self.fingerprint,
+                "runtime": runtime}
 
     def open(self, cache: FeatureCache, commit_every: int) -> None:
-        emb = self._embedder
-        self.group = cache.feature_group(emb.fingerprint, emb.canon, emb.spec.describe(),
-                                         emb.backbone.tap_dims(emb.taps))
+        """Open (or create) the group; the model is built here only for taps the group does not hold yet."""
+        dims = self._dims
+        if dims is not None and set(self.taps) <= set(dims):
+            dims = {t: dims[t] for t in self.taps}
+        else:
+            dims = self.embedder.backbone.tap_dims(self.taps)
+        self.group = cache.feature_group(self.fingerprint, self.canon, self.spec.describe(), dims)
         lagging = min(self.group.tap_rows.values()) < self.group.rows
         self.catch_up = TapCatchUp(self.group, commit_every) if lagging else None
 
+    def summary(self, device: str) -> dict:
+        """This backbone's part of the run's summary (``device``: the asked one, where no model was loaded)."""
+        emb = self._embedder
+        return {"fingerprint": self.fingerprint, "backbone": self.spec.name,
+                "device": str(emb.device) if emb is not None else device, "precision": self.canon["precision"],
+                "taps": sorted(self.group.taps), "model_loaded": emb is not None}
+
 
 class Extraction:
-    """One run of ``featcache extract`` (one or several backbones); ``run()`` returns the summary dict."""
+    """One run of ``featcache extract`` (one or several backbones); ``run()`` returns the summary dict.
+
+    A backbone the cache already holds keeps its group (``keep.kept_group``) and loads no model
+    unless some image needs it; a re-run with nothing new imports no torch.
+    """
 
     def __init__(self, cfg: ExtractConfig, embedder: Embedder | list[Embedder] | None = None):
         if cfg.engine not in ENGINES:
@@ -106,6 +154,7 @@ class Extraction:
         for name in ("max_pixels", "max_file_bytes", "commit_every"):
             if getattr(cfg, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+        check_device(cfg.device)
         self.cfg = cfg
         if cfg.engine == "ray":  # before any work: without Ray this is a one-line error
             from .engines.ray import require_ray
@@ -113,19 +162,44 @@ class Extraction:
             require_ray(cfg.ray_address)
         if embedder is None:
             names = [cfg.backbone] if isinstance(cfg.backbone, str) else list(cfg.backbone)
-            embedder = [Embedder(Backbone.load(resolve(n, cfg.weights)), cfg.taps, cfg.device, cfg.precision)
-                        for n in dict.fromkeys(names)]
-        embedders = embedder if isinstance(embedder, list) else [embedder]
-        fps = [e.fingerprint for e in embedders]
+            held = _existing(cfg.cache)
+            self.targets = [self._target(resolve(n, cfg.weights), held) for n in dict.fromkeys(names)]
+        else:
+            self.targets = [Target.built(e) for e in (embedder if isinstance(embedder, list) else [embedder])]
+        fps = [t.fingerprint for t in self.targets]
         if len(set(fps)) != len(fps):
             raise UsageError("two of the backbones give the same fingerprint (the same network, weights and "
                              "preprocessing): name each once")
-        self.targets = [Target(e) for e in embedders]
-        self.preprocess = [e.spec.preprocess for e in embedders]
-        self.gpu = any(e.device.type == "cuda" for e in embedders)
+        self.preprocess = [t.spec.preprocess for t in self.targets]
         self.workers = cfg.workers or available_cpus()
-        self.batch_size = cfg.batch_size or (64 if self.gpu else 8)
         self.timings: Counter = Counter()
+
+    def _target(self, spec: BackboneSpec, held: FeatureCache | None) -> Target:
+        cfg = self.cfg
+        kept = kept_group(held, spec, cfg.runtime, cfg.precision) if held is not None else None
+        if kept is not None:
+            return Target.kept(spec, cfg.taps, kept, cfg.device, cfg.cache)
+        from .backbone import Backbone
+        from .embedder import Embedder
+        from .runtimes.calibration import Calibration
+
+        calibration = (lambda: Calibration.from_source(cfg.source)) if cfg.source else None
+        return Target.built(Embedder(Backbone.load(spec), cfg.taps, cfg.device, cfg.precision, runtime=cfg.runtime,
+                                     calibration=calibration))
+
+    @property
+    def gpu(self) -> bool:
+        """Whether the forward pass runs on a GPU; asked only where there is work (it builds the embedders)."""
+        return self.cfg.device != "cpu" and any(t.embedder.device.type == "cuda" for t in self.targets)
+
+    @property
+    def batch_size(self) -> int:
+        return self.cfg.batch_size or (64 if self.gpu else 8)
+
+    @property
+    def loaded(self) -> bool:
+        """Whether any model was built (a no-op re-run builds none)."""
+        return any(t.loaded for t in self.targets)
 
     def run(self, listing: Listing | None = None) -> dict:
         """Extract ``cfg.source`` (or the given listing) into the cache."""
@@ -158,16 +232,15 @@ class Extraction:
         self.timings.update(writer.timings)
         backbones = []
         for t in self.targets:
-            emb = t.embedder
-            b = {"fingerprint": emb.fingerprint, "backbone": emb.spec.name, "device": str(emb.device),
-                 "precision": emb.precision, "taps": sorted(t.group.taps)}
+            b = t.summary(self.cfg.device)
             if t.catch_up is not None:
                 self.timings.update(t.catch_up.timings)
                 if t.catch_up.missing:
                     b["tap_rows_missing"] = dict(t.catch_up.missing)
             backbones.append(b)
         summary = {"cache": str(cache.root), **backbones[0], "backbones": backbones, "engine": self.cfg.engine,
-                   **writer.summary(), "skipped_non_image_suffix": listing.skipped, "batch_size": self.batch_size,
+                   **writer.summary(), "skipped_non_image_suffix": listing.skipped,
+                   "batch_size": self.batch_size if self.loaded or self.cfg.device == "cpu" else self.cfg.batch_size,
                    "workers": self.workers}
         return summary
 
@@ -179,6 +252,14 @@ class Extraction:
         from .engines.local import LocalEngine
 
         return LocalEngine(self)
+
+
+def _existing(cache: str) -> FeatureCache | None:
+    """The cache as it stands, read-only (None before its first run): what ``keep.kept_group`` reads."""
+    try:
+        return FeatureCache(cache)
+    except NotFoundError:
+        return None
 
 
 def extract(cfg: ExtractConfig) -> dict:

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 from pathlib import Path
 
-from ..errors import NotFoundError, UsageError
+from ..errors import NotFoundError, UsageError, WeightsError
 from .spec import BackboneSpec, Preprocess, WeightsSource
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
+RANDOM_WEIGHTS = "random-seed0"  # the weights digest of --weights random (seeded: the same network each time)
 _HALF = (0.5, 0.5, 0.5)
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -65,6 +67,43 @@ def package_file(ref: str) -> Path | None:
         return None
     path = Path(list(found.submodule_search_locations)[0]) / rel
     return path if path.is_file() else None
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def weights_file(spec: BackboneSpec) -> Path | None:
+    """The local weights file for a spec, or None for download/random sources (no torch needed)."""
+    w = spec.weights
+    if w.kind == "package":
+        path = package_file(w.ref)
+        if path is None:
+            pkg = w.ref.split(":", 1)[0]
+            raise WeightsError(
+                f"weights for {spec.name} are not installed: {PIP_HINT.get(pkg, 'install package ' + pkg)}"
+            )
+        return path
+    if w.kind == "file":
+        return Path(w.ref)
+    return None
+
+
+def weights_sha256(spec: BackboneSpec) -> str | None:
+    """The weights digest that goes into the fingerprint, without torch (None: download/random sources)."""
+    path = weights_file(spec)
+    return None if path is None or not path.is_file() else sha256_file(path)
+
+
+def weights_present(spec: BackboneSpec) -> bool:
+    try:
+        return spec.weights.kind == "random" or weights_file(spec) is not None or spec.weights.kind in ("timm", "torchvision")
+    except WeightsError:
+        return False
 
 
 def resolve(name: str, weights: str | None = None) -> BackboneSpec:

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 # Bumped whenever decode.py changes what pixels come out for the same bytes.
 DECODER = "featcache-decode-v1:torchvision-jpeg+pillow,torch-resize-aa"
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 
 
 @dataclass(frozen=True)
@@ -72,14 +72,21 @@ class BackboneSpec:
         }
 
 
-def fingerprint(spec: BackboneSpec, weights_sha256: str, precision: str) -> tuple[str, dict]:
+def fingerprint(spec: BackboneSpec, weights_sha256: str, precision: str, runtime: str = "torch",
+                quantization: dict | None = None) -> tuple[str, dict]:
     """Hash of everything that changes the numbers; returns (short hex, canonical description).
 
     The backbone's *name* is left out on purpose: the same architecture, weights and
-    preprocessing under two names give the same vectors and share a cache.
+    preprocessing under two names give the same vectors and share a cache. So is the runtime
+    where it gives the same numbers: OpenVINO fp32 matches torch fp32 to cosine 1 - 1e-7
+    (tests/test_runtimes.py), so both share a fingerprint; its bf16 and int8 do not (the
+    torch descriptions stay as they always were). int8 adds how it was quantised and on which
+    calibration images.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if (precision == "int8") != (quantization is not None):
+        raise ValueError("int8, and only int8, needs the quantisation record (method and calibration set)")
     canon = {
         "arch": f"{spec.family}:{spec.arch}",
         "weights_sha256": weights_sha256,
@@ -88,5 +95,9 @@ def fingerprint(spec: BackboneSpec, weights_sha256: str, precision: str) -> tupl
         "precision": precision,
         "pooling": "avg",
     }
+    if runtime != "torch" and precision != "fp32":
+        canon["runtime"] = runtime
+    if quantization is not None:
+        canon["quantization"] = quantization
     blob = json.dumps(canon, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()[:20], json.loads(blob)

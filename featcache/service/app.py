@@ -50,14 +50,16 @@ def create_app(config: ServiceConfig, plan: Plan | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         state = ServiceState(config, metrics_, plan)  # raises FingerprintMismatch for a foreign head or index
-        await state.batcher.start()
+        for batcher in state.batchers.values():  # the served backbone's and each ensemble member's
+            await batcher.start()
         app.state.fc = state
         log.info("featcache service ready: fingerprint %s", state.fingerprint)
         try:
             yield
         finally:
             app.state.fc = None
-            await state.batcher.stop()
+            for batcher in state.batchers.values():
+                await batcher.stop()
             state.decoders.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="featcache", version=__version__, lifespan=lifespan, responses=_ANY,

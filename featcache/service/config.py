@@ -15,6 +15,8 @@ class ServiceConfig:
     fingerprint: str | None = None  # prefix; needed when the cache holds several
     api_key: str | None = None
     device: str = "auto"
+    runtime: str = "auto"  # auto | torch | openvino; the precision is the cache's own (auto) or must equal it
+    precision: str = "auto"
     max_upload_bytes: int = 16 * 1024 * 1024
     max_pixels: int = 40_000_000
     max_header_bytes: int = 16 * 1024  # all request header names and values together (431 above)

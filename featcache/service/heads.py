@@ -4,6 +4,10 @@ A reload loads the new bundle off the event loop, checks its fingerprint and tap
 the serving backbone, then swaps one dict entry: requests already holding the old head
 finish with it, new ones get the new head, none fail. A bad bundle leaves the old head
 serving and the reload answers with the error.
+
+An ensemble head reads several fingerprints: each member's must be one this server embeds
+(the served one, or another of the served cache that a head loaded at start-up needed),
+with the member's tap.
 """
 
 from __future__ import annotations
@@ -44,12 +48,25 @@ class LoadedHead:
                 "loaded_at": self.loaded_at, "reloads": self.reloads, "metrics": m.get("metrics", {})}
 
 
-class HeadRegistry:
-    """Heads by name for one serving fingerprint and set of embedded taps."""
+def check_embedded(bundle: HeadBundle, name: str, embedded: dict[str, set[str]]) -> None:
+    """Refuse an ensemble head one of whose members (fingerprint and tap) this server does not embed."""
+    for m in bundle.members:
+        if m.tap not in embedded.get(m.fingerprint, set()):
+            raise FingerprintMismatch(
+                f"ensemble head {name!r} needs tap {m.tap!r} of fingerprint {m.fingerprint} "
+                f"({m.backbone.get('name')}), but this server embeds "
+                f"{', '.join(f'{fp} {sorted(t)}' for fp, t in embedded.items())}; restart the server with that head "
+                "so it loads every backbone the head needs")
 
-    def __init__(self, fingerprint: str, taps: list[str]):
+
+class HeadRegistry:
+    """Heads by name for one serving fingerprint and set of embedded taps (``members``: the taps
+    embedded of the other fingerprints that ensemble heads read)."""
+
+    def __init__(self, fingerprint: str, taps: list[str], members: dict[str, list[str]] | None = None):
         self.fingerprint = fingerprint
         self.taps = set(taps)
+        self.embedded = {fingerprint: self.taps, **{fp: set(t) for fp, t in (members or {}).items()}}
         self._heads: dict[str, LoadedHead] = {}
         self._lock = asyncio.Lock()
 
@@ -61,10 +78,13 @@ class HeadRegistry:
         except Exception as e:  # noqa: BLE001 - a half-written or corrupt bundle
             raise HeadLoadError(f"head {name!r}: the bundle could not be read ({type(e).__name__}: {e}); "
                                 "the previously loaded head is still serving") from None
-        bundle.check(self.fingerprint, "serving backbone's vectors")
-        if bundle.tap not in self.taps:
-            raise FingerprintMismatch(f"head {name!r} reads tap {bundle.tap!r}, but this server embeds {sorted(self.taps)}; "
-                                      "restart the server with that head so it embeds the tap")
+        if bundle.is_ensemble:
+            check_embedded(bundle, name, self.embedded)
+        else:
+            bundle.check(self.fingerprint, "serving backbone's vectors")
+            if bundle.tap not in self.taps:
+                raise FingerprintMismatch(f"head {name!r} reads tap {bundle.tap!r}, but this server embeds "
+                                          f"{sorted(self.taps)}; restart the server with that head so it embeds the tap")
         return LoadedHead(name, path, bundle, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), reloads)
 
     def add(self, name: str, path: str | Path) -> LoadedHead:

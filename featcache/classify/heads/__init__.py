@@ -3,6 +3,7 @@
 - ``base``: the ``Head`` contract (scikit-learn estimator, labels keep their type, state as arrays).
 - ``linear``: ``LogRegHead`` and ``LinearSVMHead`` (L-BFGS in torch); ``knn``: ``KNNHead`` (faiss);
   ``mlp``: ``MLPHead`` (a small torch MLP).
+- ``ensemble``: ``EnsembleHead``, member heads over several backbones' features side by side.
 
 Adding a head is one new module here defining a ``Head`` subclass with a ``kind``:
 ``head_types()`` imports every module of this package, so ``make_head``, ``featcache
@@ -22,11 +23,12 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .base import Head, HeadInputError
+    from .ensemble import EnsembleHead
     from .knn import KNNHead
     from .linear import LinearSVMHead, LogRegHead
     from .mlp import MLPHead
 
-__all__ = ["HEAD_KINDS", "Head", "HeadInputError", "KNNHead", "LinearSVMHead", "LogRegHead", "MLPHead",
+__all__ = ["HEAD_KINDS", "EnsembleHead", "Head", "HeadInputError", "KNNHead", "LinearSVMHead", "LogRegHead", "MLPHead",
            "head_types", "make_head"]
 
 

@@ -9,14 +9,16 @@ Both pick ``C`` on held-out rows unless it is given, and share one parameter lis
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
-import torch
 
-from ..splits import stratified_holdout
+from ..splits import stratified_holdout, validation_folds
 from ..threads import thread_count
 from .base import Head, as_decision, float64_rows, softmax
+
+if TYPE_CHECKING:  # torch is imported where a head trains: loading one to predict needs none
+    import torch
 
 
 class _LinearHead(Head):
@@ -47,6 +49,8 @@ class _LinearHead(Head):
         these skinny shapes here; autograd would also form dW as ``X.T @ G``, a transposed
         product up to ~15x slower than the equivalent ``(G.T @ X).T`` used here.
         """
+        import torch
+
         n = X.shape[0]
         Xn = X.numpy()
         Z = torch.from_numpy(Xn @ W.numpy()) + b
@@ -67,6 +71,8 @@ class _LinearHead(Head):
     def _lbfgs(self, X: torch.Tensor, y: torch.Tensor, C: float, W: torch.Tensor, b: torch.Tensor,
                max_iter: int) -> int:
         """Minimise mean loss + ||W||^2 / (2 C n) (scikit-learn's scaling of C) in place."""
+        import torch
+
         n = X.shape[0]
         lam = 1.0 / (C * n)
         targets = None
@@ -84,6 +90,7 @@ class _LinearHead(Head):
         return int(opt.state[opt._params[0]].get("n_iter", 0))
 
     def fit(self, X, y) -> _LinearHead:
+        import torch
         from threadpoolctl import threadpool_limits
 
         X, y_idx = self._fit_inputs(X, y)
@@ -97,6 +104,8 @@ class _LinearHead(Head):
             torch.set_num_threads(before)
 
     def _fit(self, X: np.ndarray, y_idx: np.ndarray) -> _LinearHead:
+        import torch
+
         mean = X.mean(axis=0)
         scale = X.std(axis=0)
         scale[scale < 1e-6] = 1.0
@@ -123,17 +132,14 @@ class _LinearHead(Head):
         Large data: one stratified split. Below 2000 rows: 3 folds, so a handful of
         validation images does not decide alone. Ties in accuracy go to the lower log-loss.
         """
-        n = len(y_idx)
-        if n < 2000 and np.bincount(y_idx).min() >= 3:
-            from sklearn.model_selection import StratifiedKFold
+        import torch
 
-            folds = list(StratifiedKFold(3, shuffle=True, random_state=self.random_state).split(y_idx, y_idx))
-        else:
-            tr, va = stratified_holdout(y_idx, self.val_fraction, self.random_state)
+        folds = validation_folds(y_idx, 3, self.val_fraction, self.random_state)
+        if len(folds) == 1:
+            tr, va = folds[0]
             if self.select_rows and len(tr) > self.select_rows:  # the path only ranks C: a subsample does
                 keep, _ = stratified_holdout(y_idx[tr], 1 - self.select_rows / len(tr), self.random_state)
-                tr = tr[keep]
-            folds = [(tr, va)]
+                folds = [(tr[keep], va)]
         Cs = sorted(self.default_Cs if self.Cs is None else self.Cs)
         acc = np.zeros(len(Cs))
         ce = np.zeros(len(Cs))
@@ -193,12 +199,15 @@ class LinearSVMHead(_LinearHead):
     state_names = ("coef_", "intercept_", "temperature_")
 
     def _fit(self, X: np.ndarray, y_idx: np.ndarray) -> LinearSVMHead:
+
         super()._fit(X, y_idx)
         self.temperature_ = np.asarray([self._fit_temperature(X, y_idx)], np.float32)
         return self
 
     def _fit_temperature(self, X: np.ndarray, y_idx: np.ndarray) -> float:
         """The softmax temperature over margins that minimises the training log-loss."""
+        import torch
+
         z = torch.from_numpy(self._logits(X))
         yt = torch.from_numpy(y_idx)
         log_t = torch.zeros(1, requires_grad=True)

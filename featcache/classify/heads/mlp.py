@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from torch import nn
 
 from ..schedule import warmup_cosine
 from ..splits import stratified_holdout
 from ..threads import set_threads
 from .base import Head, as_decision, float64_rows, softmax
+
+if TYPE_CHECKING:  # torch is imported where the network is built: a module of heads to choose from needs none
+    from torch import nn
 
 
 class MLPHead(Head):
@@ -44,9 +46,14 @@ class MLPHead(Head):
         self.threads = threads
 
     def _net(self, d: int, k: int) -> nn.Sequential:
+        from torch import nn
+
         return nn.Sequential(nn.Linear(d, self.hidden), nn.GELU(), nn.Dropout(self.dropout), nn.Linear(self.hidden, k))
 
     def fit(self, X, y) -> MLPHead:
+        import torch
+        from torch import nn
+
         t0 = time.perf_counter()
         X, y_idx = self._fit_inputs(X, y)
         set_threads(self.threads, X.size)
@@ -109,12 +116,16 @@ class MLPHead(Head):
         return self
 
     def _prepare(self) -> None:
+        import torch
+
         net = self._net(self.w1_.shape[1], self.w2_.shape[0])
         net.load_state_dict({"0.weight": torch.from_numpy(self.w1_), "0.bias": torch.from_numpy(self.b1_),
                              "3.weight": torch.from_numpy(self.w2_), "3.bias": torch.from_numpy(self.b2_)})
         self._module = net.double().eval()
 
     def _logits(self, X: np.ndarray) -> np.ndarray:
+        import torch
+
         def scores(rows: np.ndarray) -> np.ndarray:
             with torch.inference_mode():
                 return self._module(torch.from_numpy(rows)).numpy()

@@ -13,12 +13,11 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from ..sources import Item
 from ..stages import decode_bytes, read_file
@@ -32,15 +31,18 @@ WINDOW_BYTES = 256 * 1024 * 1024  # file bytes held in memory at once (besides a
 
 
 def _decoder_init() -> None:
+    import torch
+
     torch.set_num_threads(1)
 
 
-def windows(items: list[Item], size: int, max_bytes: int = WINDOW_BYTES) -> Iterator[list[Item]]:
-    """Consecutive slices of at most ``size`` items and (unless one item alone is larger) ``max_bytes``."""
+def windows(items: list[Item], size: Callable[[], int], max_bytes: int = WINDOW_BYTES) -> Iterator[list[Item]]:
+    """Consecutive slices of at most ``size()`` items and (unless one item alone is larger) ``max_bytes``.
+    ``size`` is asked per slice: it grows once a model is built and the batch size known."""
     out: list[Item] = []
     held = 0
     for it in items:
-        if out and (len(out) >= size or held + it.size > max_bytes):
+        if out and (len(out) >= size() or held + it.size > max_bytes):
             yield out
             out, held = [], 0
         out.append(it)
@@ -50,28 +52,43 @@ def windows(items: list[Item], size: int, max_bytes: int = WINDOW_BYTES) -> Iter
 
 
 class LocalEngine:
+    """Runs the stages in this process. The model (and the decoder processes a GPU wants) is touched only
+    for work: files whose content the cache holds are read and hashed, nothing more."""
+
     def __init__(self, ex: Extraction):
         self.ex = ex
         self.cfg = ex.cfg
-        self.batch_size = ex.batch_size
-        self.window = max(64, 4 * self.batch_size)
+
+    @property
+    def batch_size(self) -> int:
+        return self.ex.batch_size  # builds the models: asked only where there is work
+
+    def window(self) -> int:
+        """Files read per slice: four batches, once the batch size is known (before: the CPU's)."""
+        known = self.ex.loaded or self.cfg.device == "cpu" or self.cfg.batch_size
+        return max(64, 4 * (self.batch_size if known else 8))
 
     def run(self, writer: CacheWriter, items: list[Item], progress: Progress, new: bool = True) -> None:
         """Taps added to existing rows first (each fingerprint's catch-up), then the listed files."""
-        with ThreadPoolExecutor(self.ex.workers, thread_name_prefix="featcache") as pool, self._decoder_pool() as procs:
-            self.pool, self.decoders = pool, procs or pool
+        with ThreadPoolExecutor(self.ex.workers, thread_name_prefix="featcache") as pool, contextlib.ExitStack() as stack:
+            self.pool, self._stack, self._decoders = pool, stack, None
             for target in self.ex.targets:
                 if target.catch_up is not None:
                     self._catch_up(writer, target, progress)
             if new:
                 self._new(writer, items, progress)
 
-    def _decoder_pool(self):
-        use = self.ex.gpu if self.cfg.decode_processes is None else self.cfg.decode_processes
-        if not use:
-            return contextlib.nullcontext()
-        ctx = multiprocessing.get_context("spawn")  # never fork a process that holds CUDA state
-        return ProcessPoolExecutor(self.ex.workers, mp_context=ctx, initializer=_decoder_init)
+    @property
+    def decoders(self):
+        """Threads on a CPU; on a GPU, processes (the forward pass holds the GIL), started at the first decode."""
+        if self._decoders is None:
+            use = self.ex.gpu if self.cfg.decode_processes is None else self.cfg.decode_processes
+            self._decoders = self.pool
+            if use:
+                ctx = multiprocessing.get_context("spawn")  # never fork a process that holds CUDA state
+                self._decoders = self._stack.enter_context(
+                    ProcessPoolExecutor(self.ex.workers, mp_context=ctx, initializer=_decoder_init))
+        return self._decoders
 
     def _read(self, paths: list) -> list:
         t = time.perf_counter()
@@ -92,7 +109,7 @@ class LocalEngine:
                     pending.append((row, r.data))
                 else:
                     progress.update(1)
-            full = len(pending) - len(pending) % self.batch_size
+            full = len(pending) - len(pending) % self.batch_size if pending else 0
             if full:
                 self._embed_into(writer, pending[:full], progress)
                 pending = pending[full:]
@@ -113,8 +130,10 @@ class LocalEngine:
         status = group.status()
         table = writer.cache.images()
         todo = range(catch.start, group.rows)
-        for start in range(0, len(todo), self.window):
-            window = todo[start : start + self.window]
+        start = 0
+        while start < len(todo):
+            window = todo[start : start + self.window()]
+            start += len(window)
             ok = [r for r in window if status[r] == 0]
             reads = dict(zip(ok, self._read([table.path[rows[r]] for r in ok])))
             results: dict[int, dict | str | None] = {r: None for r in window}
@@ -140,6 +159,10 @@ class LocalEngine:
     def compute(self, datas: list[bytes], needs: list[frozenset[str]]) -> list[dict[str, dict[str, np.ndarray]] | str]:
         """For each file's bytes, {fingerprint: {tap: vector}} for the fingerprints it needs (or the reason
         it failed), in order, batch by batch; each file is decoded once for all backbones."""
+        if not datas:
+            return []
+        import torch
+
         ex, bs = self.ex, self.batch_size
         mp = self.cfg.max_pixels
         batches = [range(i, min(i + bs, len(datas))) for i in range(0, len(datas), bs)]

@@ -155,7 +155,8 @@ class EmbedActor:
 
             t = self.targets[k]
             torch.set_num_threads(self.threads)
-            emb = embedder_for(t["description"], t["canon"], sorted(t["taps"]), self.device, self.threads)
+            emb = embedder_for(t["description"], t["canon"], sorted(t["taps"]), self.device, self.threads,
+                               runtime=t["runtime"], cache=t["cache"])
             if emb.fingerprint != t["fingerprint"]:
                 raise FingerprintMismatch(f"a Ray worker computes fingerprint {emb.fingerprint}, the driver "
                                           f"{t['fingerprint']}: install the same featcache and weights on every node")
@@ -167,6 +168,7 @@ class EmbedActor:
 
         n = len(batch["key"])
         out = {c: v for c, v in batch.items() if not c.startswith("pixels:")}
+        torch.set_num_threads(self.threads)  # a decode stage fused into this actor set one thread
         t = time.perf_counter()
         for k, target in enumerate(self.targets):
             vectors = {tap: np.full((n, dim), np.nan, np.float32) for tap, dim in target["taps"].items()}
@@ -264,7 +266,7 @@ class RayEngine:
         # one sorted digest array per backbone; boxed: Ray Data does not resolve object refs inside fn_kwargs
         known = [[ray.put(np.array(sorted(writer.known_digests(t.fingerprint)), dtype="S32"))] for t in ex.targets]
         rows = [{"path": os.fsencode(str(it.path)), "key": it.key, "label": it.label} for it in items]
-        targets = [{**t.description(), "taps": dict(t.group.taps)} for t in ex.targets]
+        targets = [{**t.description(), "taps": dict(t.group.taps), "cache": ex.cfg.cache} for t in ex.targets]
         ds = ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // block)))
         ds = ds.map_batches(read_batch, fn_kwargs={"known_boxes": known, "max_bytes": cfg.max_file_bytes},
                             batch_size=block, batch_format="numpy", num_cpus=task_cpus)

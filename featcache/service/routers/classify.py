@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, File, Form, Path, UploadFile
 
 from ...errors import UsageError
 from ..deps import get_state, require_form
-from ..embedding import embed_upload
+from ..embedding import embed_members, embed_upload
 from ..models import ClassifyResponse, LabelScore, ReloadResponse
 from ..state import ServiceState
 
@@ -28,16 +28,27 @@ async def classify(image: UploadFile | None = File(None, description="the image 
     if (image is None) == (sha256 is None):
         raise UsageError("give exactly one of: an image file, or a sha256")
     loaded = state.heads.get(head)  # hold this head for the whole request, even if it is reloaded meanwhile
+    bundle = loaded.bundle
     timings: dict[str, float] = {}
-    if image is not None:
-        vec = (await embed_upload(state, image, timings))[loaded.bundle.tap]
+    if bundle.is_ensemble:  # each member backbone's vector, in member order
+        members = bundle.members
+        if image is not None:
+            vecs = await embed_members(state, image, members, timings)
+        else:
+            vecs = await asyncio.to_thread(lambda: [state.catalogues[m.fingerprint].vector(sha256, m.tap)
+                                                    for m in members])
+        x, fp = [v[None] for v in vecs], [m.fingerprint for m in members]
     else:
-        vec = await asyncio.to_thread(state.catalogue.vector, sha256, loaded.bundle.tap)
+        if image is not None:
+            vec = (await embed_upload(state, image, timings))[bundle.tap]
+        else:
+            vec = await asyncio.to_thread(state.catalogue.vector, sha256, bundle.tap)
+        x, fp = vec[None], state.fingerprint
     with state.metrics.time("head", timings):  # off the event loop: a kNN head searches its references
-        proba = (await asyncio.to_thread(loaded.bundle.predict_proba, vec[None], state.fingerprint))[0]
+        proba = (await asyncio.to_thread(bundle.predict_proba, x, fp))[0]
     order = np.argsort(-proba)[:top_k]
-    labels = loaded.bundle.labels
-    return ClassifyResponse(head=loaded.name, fingerprint=state.fingerprint, label=str(labels[int(order[0])]),
+    labels = bundle.labels
+    return ClassifyResponse(head=loaded.name, fingerprint=bundle.fingerprint, label=str(labels[int(order[0])]),
                             top=[LabelScore(label=str(labels[int(i)]), probability=float(proba[i])) for i in order],
                             timings_ms=timings)
 

@@ -6,6 +6,7 @@ from typing import Literal
 
 from fastapi import APIRouter, Depends, Path, Query
 
+from ...errors import UsageError
 from ..deps import get_state
 from ..models import GROUP_MEMBERS_MAX, DuplicateGroup, DuplicatesResponse, ImageItem, ReviewItem, ReviewResponse
 from ..state import ServiceState
@@ -28,6 +29,9 @@ async def review(name: str = Path(max_length=128),
     head version computes this (seconds to minutes for large caches); later ones read it.
     """
     head = state.heads.get(name)
+    if head.bundle.is_ensemble:
+        raise UsageError(f"head {name!r} is an ensemble over several backbones, which the server does not "
+                         "cross-validate; run `featcache train --fingerprint A B ... --cv 5 --report report.html`")
     r = await state.reviews.review(head)
     order = r.order(which)
     page = order[offset : offset + limit]
