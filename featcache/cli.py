@@ -111,8 +111,12 @@ def _gate_table(g: dict) -> str:
 # -- extract -----------------------------------------------------------------------
 @command("extract")
 def cmd_extract(args: argparse.Namespace) -> dict:
+    from .extract.registry import resolve
     from .extract.sources import list_source
 
+    for name in dict.fromkeys(args.backbone):  # a wrong name first (built-ins and folders: no torch needed)
+        if ":" not in name:
+            resolve(name, args.weights)
     listing = list_source(args.source, args.labels)  # before the model loads: an empty SOURCE fails at once
     if not listing.items:
         raise NotFoundError(_no_images(args.source, listing))

@@ -135,6 +135,6 @@ def test_a_new_head_kind_is_trained_saved_and_loaded_with_no_other_edit(tux_cach
 def test_cli_parser_lists_heads_without_importing_torch():
     code = ("import sys; from featcache.cli import build_parser; p = build_parser(); "
             "assert 'torch' not in sys.modules and 'sklearn' not in sys.modules, 'heavy import'; "
-            "assert p.parse_args(['train', '--head', 'knn', 'mlp']).head == ['knn', 'mlp']")
+            "assert p.parse_args(['train', '--head', 'knn', 'mlp']).head_types == ['knn', 'mlp']")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
