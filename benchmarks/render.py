@@ -601,6 +601,62 @@ def section_ray(res: Results) -> str:
     return text
 
 
+# -- issue 15 --------------------------------------------------------------------------------------
+def section_advise(res: Results) -> str:
+    r, t = res("advise"), res("advise_timing")
+    if r is None and t is None:
+        return ""
+    text = "## advise, measured against every strategy (issue 15)\n"
+    if r is not None:
+        c = r["config"]
+        text += f"""
+`python benchmarks/validate_advise.py --work {c['work']} --sets {' '.join(c['sets'])} --max-rows {c['max_rows']}
+--budget {c['budget']:g}{f" --ft-folds {c['ft_folds']}" if c['ft_folds'] else ''}` (raw: `benchmarks/results/advise.json`; {r['cpus']} CPUs,
+shared with other work, so advise's wall-clock budget bought less than on a quiet machine). For each set advise ran
+with `--budget {c['budget']:g}`; then every strategy it could have recommended was measured on the very split it used:
+heads as advise measured them, fine-tunes in full (every training row of {'the first fold' if c['ft_folds'] == 1
+else 'each fold'}, not advise's subset). Target: the recommendation within {100 * r['target_gap']:g} point of the
+best strategy, or within that figure's 95 % interval; compared on the rows both were scored on (a fine-tune's
+interval on a few dozen test rows is wide: a pass "within the interval" is a weak one).
+
+| set | images / classes | split | advise recommends (its figure) | s | best measured | gap | |
+|---|---|---|---|---|---|---|---|
+"""
+        for s in r["sets"]:
+            rec, v, ev = s["advise"]["recommendation"], s["verdict"], s["evaluation"]
+            best = s["reference"][v["best"]]
+            split = f"{ev['folds']}-fold CV" if ev["mode"] == "cv" else ev["mode"]
+            text += (f"| {s['set']} | {s['images']} / {s['classes']} | {split}, {ev['test_rows']} test rows | "
+                     f"{rec['name']} ({rec['accuracy']:.3f}) | {s['advise']['seconds']:.0f} | {v['best']} "
+                     f"({best['accuracy']:.3f}) | {100 * v['gap']:+.1f} pt | {verdict(v['met'])}"
+                     f"{'' if v['within'] in ('best', 'no') else ' (within ' + v['within'] + ')'} |\n")
+        text += ("\nEvery strategy's held-out accuracy on advise's split, with its 95 % Wilson interval and the rows it "
+                 "was trained and tested on (**bold**: advise's pick; _italics_: measured only, no command trains it), "
+                 "and what advise itself measured within its budget:\n")
+        for s in r["sets"]:
+            text += (f"\n{s['set']}: {s['kind']}.\n\n| strategy | accuracy | 95 % interval | test rows | train rows "
+                     "| in advise |\n|---|---|---|---|---|---|\n")
+            seen = {c["name"]: c for c in s["advise"]["candidates"]}
+            for name, f in s["reference"].items():
+                shown = f"**{name}**" if name == s["advise"]["recommendation"]["name"] else (
+                    name if f["recommendable"] else f"_{name}_")
+                a = seen.get(name, {})
+                there = (f"{a['accuracy']:.3f} on {a['test_rows']} / {a['train_rows']} rows" if a.get("status") ==
+                         "measured" else f"skipped: {a.get('why')}")
+                text += (f"| {shown} | {f['accuracy']:.3f} | {f['interval'][0]:.3f}-{f['interval'][1]:.3f} | "
+                         f"{f['test_rows']} | {f['train_rows']} | {there} |\n")
+            text += "\nadvise's reasons: " + "; ".join(s["advise"]["why"]) + ".\n"
+        text += f"\nEvery set: {verdict(all(s['verdict']['met'] for s in r['sets']))}.\n"
+    if t is None:
+        text += ("\nThe target of <= 2 minutes on 10,000 cached images is measured by `python benchmarks/validate_advise.py "
+                 "--work $DATA/advise-validation --timing 10000` on a quiet machine: not run yet.\n")
+    else:
+        text += (f"\nTiming (`{t['command']}`, {t['cpus']} CPUs): `featcache advise` on {t['images']:,} cached "
+                 f"images took {t['wall_seconds']:.0f} s end to end (budget {t['budget']:g} s; skipped: "
+                 f"{', '.join(t['skipped']) or 'nothing'}). Target: ≤ {t['target_seconds']:.0f} s on "
+                 f"{t['target_images']:,} images: {verdict(t['met'])}.\n")
+
+
 # -- issue 13 --------------------------------------------------------------------------------------
 def section_runtimes(res: Results) -> str:
     """One table per CPU model (``extract-cpu-<model>.json``): results of different machines never mix."""
@@ -728,7 +784,7 @@ first run {r['first_run']['precision']} on {r['first_run']['device']}.
 
 
 SECTIONS = (section_extraction, section_search, section_heads, section_finetune, section_hostile, section_ray,
-            section_runtimes, section_ensemble, section_coldstart)
+            section_runtimes, section_coldstart, section_ensemble, section_advise)
 
 
 def render(folder: Path = RESULTS) -> str:

@@ -419,14 +419,50 @@ def cmd_probe(args: argparse.Namespace) -> dict:
 
 @command("advise")
 def cmd_advise(args: argparse.Namespace) -> dict:
-    from .classify.probe import advise
+    from .classify.advise import advise
 
-    result = advise(args.cache, args.fingerprint, max_rows=args.max_rows)
+    result = advise(args.cache, args.fingerprint, budget=args.budget, seed=args.seed, test_source=args.test_source,
+                    max_rows=args.max_rows, finetune=not args.no_finetune)
+
+    def interval(lo_hi) -> str:
+        return f"[{lo_hi[0]:.3f}, {lo_hi[1]:.3f}]"
 
     def human(r):
-        lines = [f"recommendation: {r['recommendation']}  (cell: {r['cell']})", "evidence:"]
-        lines += [f"  - {e}" for e in r["evidence"]]
-        lines.append(f"next: {r['next']}")
+        d, ev = r["data"], r["evaluation"]
+        how = {"cv": f"{ev.get('folds')}-fold CV", "test-split": f"{ev.get('fraction')} stratified hold-out",
+               "test-source": "the --test-source images"}[ev["mode"]]
+        lines = [f"{d['labelled']} labelled images, {d['classes']} classes (median {d['median_per_class']:.0f} per "
+                 f"class, smallest {d['min_per_class']}); every strategy scored on the same {ev['test_rows']} test rows "
+                 f"({how}, {ev['flags']})",
+                 f"{'strategy':34} {'accuracy':>8} {'95% interval':>16} {'vs frozen head, paired (95%)':>34}"]
+        for c in r["candidates"]:
+            if c["status"] == "skipped":
+                lines.append(f"{c['name']:34} skipped: {c['why']}")
+                continue
+            vs = c["vs_frozen"]
+            cmp = "baseline" if c["name"] == r["baseline"]["name"] else \
+                f"{vs['difference']:+.3f} [{vs['interval'][0]:+.3f}, {vs['interval'][1]:+.3f}]"
+            mark = " clearly better" if c["clearly_better"] else (" worse" if vs["interval"][1] < 0 else "")
+            rows = f" ({c['test_rows']} test rows, {c['train_rows']} trained on)" if c.get("subset") or \
+                c["test_rows"] != ev["test_rows"] else ""
+            lines.append(f"{c['name']:34} {c['accuracy']:8.3f} {interval(c['interval']):>16} {cmp:>25}{mark}{rows}")
+        lc = r["learning_curve"]
+        lines.append("learning curve (frozen logistic head): " + ", ".join(
+            f"{p['train_rows']} -> {p['accuracy']:.3f}" for p in lc["points"]))
+        sim = r["imagenet_similarity"]
+        if sim:
+            per = ", ".join(f"{b['backbone']} entropy {b['normalised_entropy']:.2f}" for b in sim["per_backbone"]
+                            if "error" not in b)
+            agree = "" if sim["top1_agreement"] is None else f"; top-1 agreement {sim['top1_agreement']:.2f}"
+            lines.append(f"ImageNet-likeness ({sim['note']}): {per}{agree}")
+        rec = r["recommendation"]
+        lines.append(f"recommendation: {rec['strategy']}  [{rec['cell']}]  {rec['accuracy']:.3f} "
+                     f"{interval(rec['interval'])}" + ("; and collect more data" if rec["collect_more_data"] else ""))
+        lines += [f"  - {w}" for w in r["why"]]
+        lines.append(f"command: {rec['command']}")
+        b = r["budget"]
+        lines.append(f"{b['used']:.0f}s of the {b['seconds']:.0f}s budget" +
+                     (f"; skipped: {', '.join(b['skipped'])}" if b["skipped"] else ""))
         return "\n".join(lines)
 
     _print(result, args.json, human)
@@ -677,10 +713,18 @@ def build_parser() -> argparse.ArgumentParser:
     _fingerprint_arg(sp)
     sp.add_argument("--max-rows", type=int, default=20000, help="stratified subsample for speed")
 
-    sp = add("advise", "where the data sits in the transfer-learning matrix, from measurements")
+    sp = add("advise", "which transfer-learning strategy suits the data, measured on it (probes, learning curve, "
+                       "short fine-tunes)")
     _cache_arg(sp)
-    _fingerprint_arg(sp)
-    sp.add_argument("--max-rows", type=int, default=20000, help="stratified subsample for the probes")
+    sp.add_argument("--fingerprint", metavar="FP",
+                    help="the backbone to advise on (default: the only one); others are compared")
+    sp.add_argument("--budget", type=float, default=120.0, metavar="SECONDS",
+                    help="time for all measurements (the baseline always runs; what does not fit is skipped)")
+    sp.add_argument("--test-source", metavar="SOURCE", help="folder/CSV whose images are the test rows (else CV or "
+                                                             "a 20%% hold-out)")
+    sp.add_argument("--no-finetune", action="store_true", help="measure frozen heads only")
+    sp.add_argument("--seed", type=int, default=0, help="seed of the split and the fine-tunes")
+    sp.add_argument("--max-rows", type=int, default=20000, help="stratified subsample of larger caches")
 
     # -- partial unfreeze (issue 5) --
     sp = add("finetune", "fine-tune the deeper stages on cached frozen-prefix activations; writes a backbone dir")

@@ -212,15 +212,17 @@ class Finetuner:
                       f"ETA {(len(order) - done) / rate:.0f}s", flush=True)
         return total / len(order)
 
-    def evaluate(self, prefix, suffix, acts, paths, labels_idx, idx) -> float:
+    def predict(self, prefix, suffix, acts, paths, idx) -> np.ndarray:
+        """Predicted class index of each row in ``idx`` (eval mode, no gradients)."""
         suffix.eval()
-        correct = 0
+        out = [np.zeros(0, np.int64)]
         with torch.no_grad():
             for s in range(0, len(idx), 256):
-                part = idx[s : s + 256]
-                correct += int((suffix(self._inputs(prefix, acts, paths, part, False)).argmax(1).numpy()
-                                == labels_idx[part]).sum())
-        return correct / max(1, len(idx))
+                out.append(suffix(self._inputs(prefix, acts, paths, idx[s : s + 256], False)).argmax(1).numpy())
+        return np.concatenate(out)
+
+    def evaluate(self, prefix, suffix, acts, paths, labels_idx, idx) -> float:
+        return float((self.predict(prefix, suffix, acts, paths, idx) == labels_idx[idx]).sum()) / max(1, len(idx))
 
     def run(self) -> dict:
         cfg = self.cfg

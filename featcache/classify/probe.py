@@ -1,141 +1,111 @@
-"""Layer-wise linear probes, and advice on where the data sits in the transfer-learning matrix.
+"""Layer-wise linear probes, and how ImageNet-like the data looks to each cached backbone.
 
-``probe`` fits the same logistic-regression probe on every cached tap (stage1..stageN,
-final) and reports held-out accuracy by depth. ``advise`` adds the size of the data and
-how ImageNet-like it looks (entropy of the backbone's own ImageNet classifier over the
-cached final features, and whether the deepest features transfer best), then names one
-cell of the matrix in ARCHITECTURE.md:
-
-    small + similar      -> head on frozen features
-    large + similar      -> fine-tune deeper layers
-    small + dissimilar   -> reuse early layers + new top layers
-    large + dissimilar   -> fine-tune deeper layers (most of them)
-    too few examples     -> collect more data
+``probe`` fits the same logistic-regression head on every pooled tap (stage1..stageN, final)
+on the shared split (``measure.shared_split``) and reports held-out accuracy by depth.
+``imagenet_similarity`` is information, never a decision: how confidently each cached
+backbone's own ImageNet classifier labels the data, and, with two or more backbones, how
+often they agree. A single backbone's entropy is not a property of the data: the same Tux
+Paint photos looked ImageNet-like to Lite0 and MobileNetV2 but not to Lite1 and Lite2.
 """
 
 from __future__ import annotations
 
 import re
-import time
 
 import numpy as np
 
-from ..errors import UsageError
-from ..store.cache import FeatureCache
-from .data import align, holdout_split, kfold, load_labelled
-from .heads import LogRegHead
+from ..errors import FeatcacheError
+from ..store.cache import FeatureCache, rows_of
+from .data import Labelled, align, load_labelled
+from .measure import head_outcome, shared_split, wilson
 from .splits import stratified_holdout
 
-# Thresholds (documented in the output so a user can judge them).
-LARGE_PER_CLASS = 1000  # median images per class from which a dataset counts as large
-MIN_PER_CLASS = 10  # below this in the smallest class: collect more data
-SIMILAR_ENTROPY = 0.53  # normalised ImageNet-prediction entropy below which data looks ImageNet-like
-# (measured with Lite0: Tux Paint photos 0.46, Fashion-MNIST 0.60; the threshold sits between)
-FINAL_SHARE = 0.97  # final-tap probe accuracy at least this share of the best tap's: deep features transfer
+
+def pooled_taps(taps: list[str]) -> list[str]:
+    """The pooled taps (``stageK`` by depth, then ``final``): raw activations are fine-tuning inputs, not probes."""
+    def depth(tap: str) -> tuple[int, str]:
+        m = re.fullmatch(r"stage(\d+)", tap)
+        return (int(m.group(1)), tap) if m else (10**6, tap)
+
+    return sorted((t for t in taps if not t.startswith("raw:")), key=depth)
 
 
-def _depth(tap: str) -> tuple[int, str]:
-    m = re.fullmatch(r"stage(\d+)", tap)
-    return (int(m.group(1)), tap) if m else (10**6, tap)
+def labelled_rows(cache: FeatureCache, fp: str, max_rows: int, seed: int = 0) -> tuple[Labelled, int | None]:
+    """The final tap's labelled rows (what ``featcache train`` trains on), stratified down to ``max_rows``.
+
+    Returns the rows and, when subsampled, how many there were.
+    """
+    taps = cache.group_attrs(fp)["taps"]
+    base = load_labelled(cache, fp, "final" if "final" in taps else pooled_taps(taps)[-1])
+    if len(base) <= max_rows:
+        return base, None
+    keep, _ = stratified_holdout(base.y, 1 - max_rows / len(base), seed)
+    return base.subset(keep), len(base)
 
 
 def probe(cache_dir: str, fingerprint: str | None = None, taps: list[str] | None = None, max_rows: int = 20000,
           seed: int = 0) -> dict:
-    """Held-out accuracy of a linear probe on each tap (5-fold CV below 2000 rows, else a 20 % split)."""
+    """Held-out accuracy (95 % interval) of a logistic-regression probe on each pooled tap, on one shared split."""
     cache = FeatureCache(cache_dir)
     fp = cache.resolve_fingerprint(fingerprint)
     attrs = cache.group_attrs(fp)
-    taps = sorted(taps or attrs["taps"], key=_depth)
-    base = load_labelled(cache, fp, "final" if "final" in attrs["taps"] else taps[-1])
-    if len(base) > max_rows:  # stratified subsample keeps probing to seconds on big caches
-        keep, _ = stratified_holdout(base.y, 1 - max_rows / len(base), seed)
-        base = base.subset(keep)
-    counts = np.unique(base.y, return_counts=True)[1]
-    small = len(base) < 2000
-    splits = kfold(base.y, min(5, int(counts.min())), seed) if small and counts.min() >= 2 else [holdout_split(base.y, 0.2, seed)]
+    taps = pooled_taps(taps or attrs["taps"])
+    base, total = labelled_rows(cache, fp, max_rows, seed)
+    split = shared_split(base, seed)
     rows = []
     for tap in taps:
-        data = base if tap == base.tap else align(base, load_labelled(cache, fp, tap))
-        t = time.perf_counter()
-        accs = []
-        for tr, te in splits:
-            head = LogRegHead(random_state=seed).fit(data.X[tr], data.y[tr])
-            accs.append(head.score(data.X[te], data.y[te]))
-        rows.append({"tap": tap, "dim": int(data.X.shape[1]), "accuracy": float(np.mean(accs)),
-                     "accuracy_std": float(np.std(accs)), "seconds": time.perf_counter() - t})
+        data = base if tap == base.tap else align(base, load_labelled(cache, fp, tap, "keep"))
+        out = head_outcome(data.X, data.y, split.folds, "logreg", seed)
+        rows.append({"tap": tap, "dim": int(data.X.shape[1]), "accuracy": out.accuracy,
+                     "interval": wilson(int(out.correct.sum()), len(out.correct)), "seconds": out.seconds})
     best = max(rows, key=lambda r: r["accuracy"])
+    counts = np.unique(base.y, return_counts=True)[1]
+    evaluation = f"{split.info['folds']}-fold CV" if split.mode == "cv" else "20% stratified hold-out"
     return {"cache": str(cache.root), "fingerprint": fp, "backbone": attrs["backbone"].get("name"),
-            "rows": len(base), "classes": len(counts), "evaluation": f"{len(splits)}-fold CV" if len(splits) > 1 else
-            "20% stratified hold-out", "taps": rows, "best_tap": best["tap"],
-            "chance": float(counts.max() / counts.sum())}
+            "rows": len(base), "subsampled_from": total, "classes": len(counts), "evaluation": evaluation,
+            "taps": rows, "best_tap": best["tap"], "chance": float(counts.max() / counts.sum())}
 
 
-def imagenet_similarity(cache: FeatureCache, fp: str, sample: int = 5000, seed: int = 0) -> dict:
-    """How confidently the backbone's ImageNet classifier labels the data (low entropy = ImageNet-like)."""
+def _imagenet_probabilities(cache: FeatureCache, fp: str, sha256: np.ndarray) -> np.ndarray:
+    """Softmax of the backbone's own ImageNet classifier over the cached final vectors of ``sha256``."""
     from ..extract.embedder import embedder_for
 
     attrs = cache.group_attrs(fp)
     feats = cache.read(fp, "final")
-    rng = np.random.default_rng(seed)
-    idx = rng.choice(len(feats), min(sample, len(feats)), replace=False)
+    idx = rows_of(feats.sha256, sha256)
     emb = embedder_for(attrs["backbone"], attrs["fingerprint"], ["final"], "cpu")
     logits = emb.classify_imagenet(np.ascontiguousarray(feats.vectors[idx])).astype(np.float64)
     logits -= logits.max(axis=1, keepdims=True)
     p = np.exp(logits)
-    p /= p.sum(axis=1, keepdims=True)
-    ent = -(p * np.log(np.clip(p, 1e-12, 1))).sum(axis=1) / np.log(p.shape[1])
-    return {"sampled": int(len(idx)), "normalised_entropy": float(ent.mean()), "mean_top1_probability":
-            float(p.max(axis=1).mean()), "imagenet_classes": int(p.shape[1])}
+    return p / p.sum(axis=1, keepdims=True)
 
 
-def advise(cache_dir: str, fingerprint: str | None = None, max_rows: int = 20000, seed: int = 0) -> dict:
-    """Probe by depth + ImageNet similarity + size -> one recommendation, with the evidence."""
-    cache = FeatureCache(cache_dir)
-    fp = cache.resolve_fingerprint(fingerprint)
-    if "final" not in cache.group_attrs(fp)["taps"]:
-        raise UsageError("advise needs the final tap in the cache (extract with --taps final ...)")
-    pr = probe(cache_dir, fp, max_rows=max_rows, seed=seed)
-    sim = imagenet_similarity(cache, fp, seed=seed)
-    labels = load_labelled(cache, fp, "final").y
-    counts = np.unique(labels, return_counts=True)[1]
-    by_tap = {r["tap"]: r["accuracy"] for r in pr["taps"]}
-    best_acc = by_tap[pr["best_tap"]]
-    final_share = by_tap["final"] / best_acc if best_acc > 0 else 0.0
-    large = float(np.median(counts)) >= LARGE_PER_CLASS
-    similar = sim["normalised_entropy"] < SIMILAR_ENTROPY and final_share >= FINAL_SHARE
-    evidence = [
-        f"{len(labels)} labelled images in {len(counts)} classes (median {int(np.median(counts))} per class, "
-        f"smallest {int(counts.min())}): {'large' if large else 'small'} (large from {LARGE_PER_CLASS} per class)",
-        "linear probe accuracy by depth: " + ", ".join(f"{r['tap']} {r['accuracy']:.3f}" for r in pr["taps"])
-        + f" ({pr['evaluation']}, chance {pr['chance']:.3f})",
-        f"best tap {pr['best_tap']}; final tap reaches {final_share:.1%} of it "
-        f"({'deep features transfer' if final_share >= FINAL_SHARE else 'deep features transfer worse than earlier ones'})",
-        f"ImageNet classifier on the data: normalised entropy {sim['normalised_entropy']:.3f} "
-        f"(ImageNet-like below {SIMILAR_ENTROPY}), mean top-1 probability {sim['mean_top1_probability']:.3f}",
-    ]
-    if counts.min() < MIN_PER_CLASS or (best_acc < pr["chance"] + 0.5 * (1 - pr["chance"]) and not large):
-        cell, rec = "too little data", "collect more data"
-        evidence.append(f"smallest class has {int(counts.min())} images (need {MIN_PER_CLASS}+) or the best probe "
-                        "is closer to chance than to perfect")
-    elif similar and not large:
-        cell, rec = "small / similar", "head on frozen features"
-    elif similar and large:
-        cell, rec = "large / similar", "fine-tune deeper layers"
-    elif not large:
-        cell, rec = "small / not similar", "reuse early layers + new top layers"
-    else:
-        cell, rec = "large / not similar", "fine-tune deeper layers"
-    commands = {
-        "head on frozen features": f"featcache train --cache {cache_dir} --head logreg mlp --cv 5 --out head",
-        "fine-tune deeper layers": f"featcache train --cache {cache_dir} --head mlp --out head  (baseline), then "
-                                   "fine-tune the last stages with a small learning rate",
-        "reuse early layers + new top layers": f"featcache train --cache {cache_dir} --tap {pr['best_tap']} "
-                                               "--head mlp --out head  (new top layers on the best early tap)",
-        "collect more data": "label more images per class, then run advise again",
-    }
-    return {"cache": str(cache.root), "fingerprint": fp, "backbone": pr["backbone"], "cell": cell,
-            "recommendation": rec, "next": commands[rec], "evidence": evidence, "probe": pr,
-            "imagenet": sim, "size": {"labelled": int(len(labels)), "classes": int(len(counts)),
-                                      "median_per_class": float(np.median(counts)), "min_per_class": int(counts.min())},
-            "thresholds": {"large_per_class": LARGE_PER_CLASS, "min_per_class": MIN_PER_CLASS,
-                           "similar_entropy": SIMILAR_ENTROPY, "final_share": FINAL_SHARE}}
+def imagenet_similarity(cache: FeatureCache, fingerprints: list[str], sha256: np.ndarray, sample: int = 2000,
+                        seed: int = 0) -> dict:
+    """Per backbone: mean normalised entropy and top-1 probability of its ImageNet classifier on the data;
+    across backbones (two or more): how often all of them name the same ImageNet class.
+
+    Only images every listed backbone has cached are used, so the figures describe the same images.
+    """
+    common = sha256
+    for fp in fingerprints:
+        common = common[np.isin(common, cache.read(fp, "final").sha256)]
+    rng = np.random.default_rng(seed)
+    common = common[np.sort(rng.choice(len(common), min(sample, len(common)), replace=False))]
+    per, top1 = [], []
+    for fp in fingerprints:
+        name = cache.group_attrs(fp)["backbone"].get("name")
+        try:
+            p = _imagenet_probabilities(cache, fp, common)
+        except FeatcacheError as e:  # no classifier, weights gone: the others still count
+            per.append({"fingerprint": fp, "backbone": name, "error": str(e)})
+            continue
+        ent = -(p * np.log(np.clip(p, 1e-12, 1))).sum(axis=1) / np.log(p.shape[1])
+        per.append({"fingerprint": fp, "backbone": name, "normalised_entropy": float(ent.mean()),
+                    "mean_top1_probability": float(p.max(axis=1).mean()), "imagenet_classes": int(p.shape[1])})
+        top1.append(p.argmax(axis=1))
+    agreement = float((np.asarray(top1) == top1[0]).all(axis=0).mean()) if len(top1) >= 2 else None
+    return {"sampled": int(len(common)), "per_backbone": per, "top1_agreement": agreement,
+            "backbones_agreeing": len(top1),
+            "note": ("per backbone: entropy depends on which backbone is asked" if len(top1) < 2 else
+                     f"top-1 agreement of {len(top1)} backbones") + "; shown for information, never used to decide"}
