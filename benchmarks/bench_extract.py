@@ -27,7 +27,6 @@ cache (``FEATCACHE_MODEL_CACHE``), so every run measures its own preparation.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import platform
@@ -156,6 +155,16 @@ class _UserOpenVINO:
         return n / (time.perf_counter() - t)
 
 
+# OpenVINO 2026.4 compiled models are never freed here: freeing one after torch had run in this process
+# crashed it (SIGSEGV, three runs, right after an int8 row); main() leaves with os._exit once results are saved.
+_KEEP: list = []
+
+
+def stage(what: str, data) -> None:
+    """A line on stderr per finished step, with its figures (a long run that dies still leaves them)."""
+    print(f"[bench] {what}: {json.dumps(data, default=str)[:2000]}", file=sys.stderr, flush=True)
+
+
 def user_row(name: str, precision: str, calibration: Calibration, seconds: float) -> dict:
     """Plain OpenVINO's row, in a process of its own (as a user's script runs): a crash there is a note here."""
     paths = [str(p) for _, p in calibration.files]
@@ -164,7 +173,9 @@ def user_row(name: str, precision: str, calibration: Calibration, seconds: float
     row = {"who": "openvino-user", "runtime": "openvino", "precision": precision, "batch": 32}
     if done.returncode != 0:
         return {**row, "note": f"exit {done.returncode}: {done.stderr.strip().splitlines()[-1:] or ''}"}
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    row = json.loads(done.stdout.strip().splitlines()[-1])
+    stage(f"openvino-user {precision}", row)
+    return row
 
 
 def _user_row_here(name: str, precision: str, paths: list[str], seconds: float) -> dict:
@@ -207,8 +218,8 @@ def model_rows(name: str, backbone: Backbone, calibration: Calibration, batch: i
         row["prepare_seconds"] = round(time.perf_counter() - t, 2)
         row["images_per_second"] = model_only(emb, batch, seconds)
         rows.append(row)
-        del emb  # one compiled model at a time: OpenVINO's streams and thread arenas of the last one freed
-        gc.collect()
+        stage(f"row {runtime} {precision}", row)
+        _KEEP.append(emb)
     if available("openvino"):
         rows += [user_row(name, precision, calibration, seconds) for precision in ("fp32", "bf16", "int8")]
     return rows
@@ -236,12 +247,12 @@ def bench(name: str, root: Path, paths: list[Path], device: str, work: Path, sec
     result["ceiling"] = 1 / (1 / result["M_auto_model_only"] + 1 / result["D_decode_only"])
     result["speedup_vs_tutorial"] = result["featcache_auto"] / result["tutorial"]
     result["fraction_of_ceiling"] = result["featcache_auto"] / result["ceiling"]
-    on_cpu = emb.device.type == "cpu"
-    del ex, emb  # auto's compiled model freed before the rows below compile theirs
-    gc.collect()
-    if on_cpu:
+    stage(f"{name}: end to end and tutorial done", result)
+    _KEEP.append(emb)
+    if emb.device.type == "cpu":
         calibration = Calibration.from_files(paths, [str(p.relative_to(root)) for p in paths], source="bench jpegs")
         rows = model_rows(name, backbone, calibration, batch, seconds)
+        stage(f"{name}: model-only rows done", rows)
         result["model_only"] = [{k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()} for r in rows]
         fp32 = next(r["images_per_second"] for r in rows if (r["who"], r["runtime"], r["precision"]) ==
                     ("featcache", "torch", "fp32"))
@@ -328,3 +339,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # see _KEEP
