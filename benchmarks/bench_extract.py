@@ -165,6 +165,14 @@ def stage(what: str, data) -> None:
     print(f"[bench] {what}: {json.dumps(data, default=str)[:2000]}", file=sys.stderr, flush=True)
 
 
+def reference(backbone: Backbone) -> tuple:
+    """The gate's inputs: the 20 real photos, their labels, torch fp32's embeddings and its top-1 count."""
+    x, labels = photos(backbone.spec.preprocess)
+    ref_emb = Embedder(backbone, ["final"], "cpu", "fp32", runtime="torch")
+    ref = ref_emb.embed(x)["final"]
+    return x, labels, ref, judge(ref_emb, x, labels, ref, None)["top1"]
+
+
 def user_row(name: str, precision: str, calibration: Calibration, seconds: float) -> dict:
     """Plain OpenVINO's row, in a process of its own (as a user's script runs): a crash there is a note here."""
     paths = [str(p) for _, p in calibration.files]
@@ -180,10 +188,7 @@ def user_row(name: str, precision: str, calibration: Calibration, seconds: float
 
 def _user_row_here(name: str, precision: str, paths: list[str], seconds: float) -> dict:
     backbone = Backbone.load(resolve(*BACKBONES[name]))
-    x, labels = photos(backbone.spec.preprocess)
-    ref_emb = Embedder(backbone, ["final"], "cpu", "fp32", runtime="torch")
-    ref = ref_emb.embed(x)["final"]
-    ref_top1 = judge(ref_emb, x, labels, ref, None)["top1"]
+    x, labels, ref, ref_top1 = reference(backbone)
     row = {"who": "openvino-user", "runtime": "openvino", "precision": precision, "batch": 32}
     try:
         from featcache.extract.runtimes.openvino_runner import supports
@@ -201,10 +206,7 @@ def _user_row_here(name: str, precision: str, paths: list[str], seconds: float) 
 
 def model_rows(name: str, backbone: Backbone, calibration: Calibration, batch: int, seconds: float) -> list[dict]:
     """Model-only throughput and gate figures of every runtime x precision, featcache's and plain OpenVINO's."""
-    x, labels = photos(backbone.spec.preprocess)
-    ref_emb = Embedder(backbone, ["final"], "cpu", "fp32", runtime="torch")
-    ref = ref_emb.embed(x)["final"]
-    ref_top1 = judge(ref_emb, x, labels, ref, None)["top1"]
+    x, labels, ref, ref_top1 = reference(backbone)
     rows = []
     for runtime, precision in CANDIDATES:
         row = {"who": "featcache", "runtime": runtime, "precision": precision, "batch": batch}
