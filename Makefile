@@ -5,7 +5,8 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 FC     := $(VENV)/bin/featcache
 CACHE  ?= featcache-cache
-DEBS   := tuxpaint-stamps-default dataset-fashion-mnist chromium
+# chromium: the browser tests; e2fsprogs: chattr, which makes a directory read-only for root in tests/test_cli_errors.py
+DEBS   := tuxpaint-stamps-default dataset-fashion-mnist chromium e2fsprogs
 
 .PHONY: setup demo test ci bench lint
 setup: .setup-done
