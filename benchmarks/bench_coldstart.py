@@ -7,12 +7,14 @@ process, as a user runs it:
   no-op       the same command again: nothing new, so no model and no torch (issue 13: <= 1.5 s for 1,000)
   backbones   ``featcache backbones`` (<= 1 s)
   predict     ``featcache predict --head H IMG`` of one image the cache holds, with a logreg head trained on
-              the cache first (``featcache train``) (<= 2 s)
+              the cache first (``featcache train``) (<= 2 s); ``--other-heads`` times the same with heads
+              of other kinds (``predict_other_heads``: what kNN and MLP heads, which load scikit-learn, cost)
 
 Each quick command is timed ``--repeat`` times (the median is the figure) and run once more under a probe
-that lists which heavy modules (torch, torchvision, timm, openvino) the process imported.
+that lists which heavy modules (torch, torchvision, timm, openvino, sklearn) the process imported.
 
-    python benchmarks/bench_coldstart.py [--images 1000] [--repeat 5] [--out benchmarks/results/coldstart.json]
+    python benchmarks/bench_coldstart.py [--images 1000] [--repeat 5] [--other-heads linear-svm knn mlp]
+                                         [--out benchmarks/results/coldstart.json]
 
 ``auto`` runtime/precision is whatever this machine recorded (``featcache backbones --check``), as for a user;
 FEATCACHE_RUNTIME / FEATCACHE_PRECISION pin it.
@@ -87,6 +89,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=1000)
     p.add_argument("--repeat", type=int, default=5, help="runs of each quick command (the median is reported)")
+    p.add_argument("--other-heads", nargs="*", default=[], metavar="KIND",
+                   help="also time predict with heads of these kinds (logreg is always timed)")
     p.add_argument("--out", type=Path, default=RESULTS / "coldstart.json")
     a = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="coldstart-") as tmp:
@@ -106,24 +110,35 @@ def main() -> int:
         backbones = timed(["backbones", "--json"], a.repeat)
         backbones.pop("result")
         print(f"backbones   {backbones['wall_s']:7.2f} s  (imports {backbones['imports']})", flush=True)
-        train_wall, _, _ = featcache("train", "--cache", str(cache), "--head", "logreg", "--out", str(head), "--json")
-        predict = timed(["predict", "--head", str(head), "--cache", str(cache), str(paths[0]), "--json"], a.repeat)
-        sources = [x.get("source") for x in predict.pop("result")["results"]]
-        if sources != ["cache"]:
-            raise SystemExit(f"predict did not read the cached vector: {sources}")
-        print(f"predict     {predict['wall_s']:7.2f} s  (one cached image; imports {predict['imports']})", flush=True)
+        train_wall, predict = predict_cached(cache, head, paths[0], "logreg", a.repeat)
+        others = {kind: predict_cached(cache, Path(tmp) / f"head-{kind}", paths[0], kind, a.repeat)[1]
+                  for kind in a.other_heads}
     doc = {
         "images": a.images, "repeat": a.repeat,
-        "command": f"python benchmarks/bench_coldstart.py --images {a.images} --repeat {a.repeat}",
+        "command": f"python benchmarks/bench_coldstart.py --images {a.images} --repeat {a.repeat}"
+                   + (f" --other-heads {' '.join(a.other_heads)}" if a.other_heads else ""),
         "first_run": {"wall_s": round(first_wall, 3), "extracted": first["extracted"], "precision": first["precision"],
                       "device": first["device"], "images_per_second": first["images_per_second"]},
         "noop": noop, "noop_fraction_of_first": round(noop["wall_s"] / first_wall, 4),
         "backbones": backbones, "train_wall_s": round(train_wall, 3), "predict_cached": predict,
+        **({"predict_other_heads": others} if others else {}),
         "machine": {"cpu": cpu_model(), "flags": cpu_flags(), "cpus": available_cpus(),
                     "python": platform.python_version()},
     }
     print(f"saved {save(doc, a.out)}")
     return 0
+
+
+def predict_cached(cache: Path, head: Path, image: Path, kind: str, repeat: int) -> tuple[float, dict]:
+    """(seconds to train a ``kind`` head on ``cache``, the timed ``featcache predict`` of ``image``, which it holds)."""
+    train_wall, _, _ = featcache("train", "--cache", str(cache), "--head", kind, "--out", str(head), "--json")
+    predict = timed(["predict", "--head", str(head), "--cache", str(cache), str(image), "--json"], repeat)
+    sources = [x.get("source") for x in predict.pop("result")["results"]]
+    if sources != ["cache"]:
+        raise SystemExit(f"predict did not read the cached vector: {sources}")
+    print(f"predict     {predict['wall_s']:7.2f} s  (one cached image, {kind} head; imports {predict['imports']})",
+          flush=True)
+    return train_wall, predict
 
 
 def pct(x: float) -> str:

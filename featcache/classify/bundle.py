@@ -10,6 +10,10 @@ the fingerprint, its description and backbone (to rebuild the embedder), the tap
 width of its block of the input. Its ``fingerprint`` is the members' joined by ``+``. A
 caller embeds an image with every member (``HeadBundle.members``), and passes the vectors
 in member order to ``predict_proba``; a single-backbone bundle is the one-member case.
+
+Loading a linear head (the kinds of ``heads.numpy_predict.ARRAYS``) imports no scikit-learn:
+``predict_proba`` applies its state arrays in plain numpy, the code the estimator itself runs;
+``HeadBundle.head``, the estimator, is built on first use. Other kinds build it at load.
 """
 
 from __future__ import annotations
@@ -20,12 +24,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import FingerprintMismatch, NotFoundError, UsageError
 from ..store.outputs import writable_dir
-from .heads import Head, head_types
+from .heads.numpy_predict import ARRAYS, check_state, plain_predict_proba
+
+if TYPE_CHECKING:
+    from .heads import Head
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -121,11 +129,26 @@ def save_bundle(out: str | Path, head: Head, *, fingerprint: str, canon: dict, b
     return out
 
 
-@dataclass
 class HeadBundle:
-    path: Path
-    manifest: dict
-    head: Head
+    """A head bundle's manifest and its head; ``arrays``: the state the head is (or will be) built from."""
+
+    def __init__(self, path: Path, manifest: dict, head: Head | None = None,
+                 arrays: dict[str, np.ndarray] | None = None):
+        self.path = path
+        self.manifest = manifest
+        self._head = head
+        self._arrays = arrays
+
+    @property
+    def head(self) -> Head | None:
+        """The scikit-learn estimator, built from the state arrays on first use (None: a manifest read alone)."""
+        if self._head is None and self._arrays is not None:
+            self._head = _build_head(self.path, self.manifest, self._arrays)
+        return self._head
+
+    @property
+    def kind(self) -> str:
+        return self.manifest["head"]["type"]
 
     @property
     def fingerprint(self) -> str:
@@ -196,6 +219,8 @@ class HeadBundle:
                 raise UsageError(f"head {self.path} takes one 2-D array per member, of widths "
                                  f"{[m.dim for m in self.members]}; got widths {widths}")
             vectors = np.concatenate(parts, axis=1)
+        if self.kind in ARRAYS and self._arrays is not None:  # the estimator's own arithmetic, no scikit-learn
+            return plain_predict_proba(self.kind, self._arrays, int(self.manifest["dim"]), vectors)
         return self.head.predict_proba(vectors)
 
 
@@ -212,17 +237,35 @@ def read_manifest(path: str | Path) -> dict:
     return manifest
 
 
+def _head_type(path: Path, kind: str) -> type[Head]:
+    from .heads import head_types
+
+    types = head_types()
+    if kind not in types:
+        raise UsageError(f"{path} holds a head of unknown type {kind!r} (known: {sorted(types)})")
+    return types[kind]
+
+
+def _build_head(path: Path, manifest: dict, arrays: dict[str, np.ndarray]) -> Head:
+    params = {k: tuple(v) if isinstance(v, list) else v for k, v in manifest["head"]["params"].items()}
+    return _head_type(path, manifest["head"]["type"]).from_state(params, manifest["labels"], manifest["dim"], arrays)
+
+
 def load_bundle(path: str | Path) -> HeadBundle:
-    """Load a head bundle written by ``save_bundle`` (in any process; no pickle involved)."""
+    """Load a head bundle written by ``save_bundle`` (in any process; no pickle involved).
+
+    A bad state is refused here, not at the first prediction: a linear head's arrays are
+    checked against its labels and width, any other head is built.
+    """
     from safetensors.numpy import load_file
 
     path = Path(path)
     manifest = read_manifest(path)
     kind = manifest["head"]["type"]
-    types = head_types()
-    if kind not in types:
-        raise UsageError(f"{path} holds a head of unknown type {kind!r} (known: {sorted(types)})")
+    if kind not in ARRAYS:
+        _head_type(path, kind)  # an unknown kind is named before the state file is opened
     arrays = load_file(str(path / manifest.get("state_file", STATE)))
-    params = {k: tuple(v) if isinstance(v, list) else v for k, v in manifest["head"]["params"].items()}
-    head = types[kind].from_state(params, manifest["labels"], manifest["dim"], arrays)
-    return HeadBundle(path, manifest, head)
+    if kind in ARRAYS:
+        check_state(kind, arrays, len(manifest["labels"]), int(manifest["dim"]))
+        return HeadBundle(path, manifest, arrays=arrays)
+    return HeadBundle(path, manifest, _build_head(path, manifest, arrays), arrays)

@@ -14,38 +14,41 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import FeatcacheError, FingerprintMismatch
+from ..errors import FeatcacheError, FingerprintMismatch, NotFoundError
 from ..hashing import sha256_bytes
 from ..store.cache import FeatureCache, rows_of
 from .bundle import Member, load_bundle
 
 
-def _open_cache(bundle_path: Path, members: list[Member], cache_dir: str | None, explicit: bool) -> FeatureCache | None:
-    """The cache to reuse vectors from; an explicitly named one must hold at least one member's fingerprint."""
+def _open_cache(bundle_path: Path, members: list[Member], cache_dir: str | None,
+                explicit: bool) -> tuple[FeatureCache | None, list[str]]:
+    """The cache to reuse vectors from and its fingerprints; an explicitly named one must hold a member's."""
     if not cache_dir:
-        return None
+        return None, []
     try:
         cache = FeatureCache(cache_dir)
     except FeatcacheError:
         if explicit:
             raise
-        return None  # the training cache moved or was deleted: embed instead
+        return None, []  # the training cache moved or was deleted: embed instead
     held = cache.fingerprints()
     if not any(m.fingerprint in held for m in members):
         if explicit:
             raise FingerprintMismatch(
                 f"head {bundle_path} has fingerprint {'+'.join(m.fingerprint for m in members)}; cache {cache_dir} "
                 f"holds {', '.join(held) or 'no fingerprints'}")
-        return None
-    return cache
+        return None, []
+    return cache, held
 
 
-def _cached_vectors(cache: FeatureCache | None, member: Member, shas: dict[int, str]) -> dict[int, np.ndarray]:
-    if cache is None or not shas or member.fingerprint not in cache.fingerprints():
+def _cached_vectors(cache: FeatureCache | None, held: list[str], member: Member,
+                    shas: dict[int, str]) -> dict[int, np.ndarray]:
+    if cache is None or not shas or member.fingerprint not in held:
         return {}
-    if member.tap not in cache.group_attrs(member.fingerprint)["taps"]:
+    try:
+        feats = cache.read(member.fingerprint, member.tap)
+    except NotFoundError:  # the cache lacks the head's tap: embed
         return {}
-    feats = cache.read(member.fingerprint, member.tap)
     rows = rows_of(feats.sha256, list(shas.values()))
     return {i: feats.vectors[r] for i, r in zip(shas, rows) if r >= 0}
 
@@ -63,12 +66,12 @@ def predict(head_dir: str, images: list[str], cache: str | None = None, device: 
         except OSError as e:
             results[i]["error"] = f"unreadable file: {e.strerror or e}"
     shas = {i: sha256_bytes(b) for i, b in data.items()}
-    store = _open_cache(bundle.path, members, cache or bundle.manifest.get("cache"), cache is not None)
+    store, held = _open_cache(bundle.path, members, cache or bundle.manifest.get("cache"), cache is not None)
     per_member: list[dict[int, np.ndarray]] = []
     embedded: set[int] = set()
     pixels: dict = {}  # decoded images per preprocessing, shared by the members
     for m in members:
-        vectors = _cached_vectors(store, m, shas)
+        vectors = _cached_vectors(store, held, m, shas)
         todo = {i: data[i] for i in data if i not in vectors and "error" not in results[i]}
         if todo:
             vectors.update(_embed(m, todo, results, pixels, device, batch_size, runtime, precision,

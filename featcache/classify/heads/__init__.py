@@ -4,6 +4,8 @@
 - ``linear``: ``LogRegHead`` and ``LinearSVMHead`` (L-BFGS in torch); ``knn``: ``KNNHead`` (faiss);
   ``mlp``: ``MLPHead`` (a small torch MLP).
 - ``ensemble``: ``EnsembleHead``, member heads over several backbones' features side by side.
+- ``numpy_predict``: the prediction arithmetic in plain numpy; saved linear heads are applied
+  with it alone (no scikit-learn), which is what keeps ``featcache predict`` quick to start.
 
 Adding a head is one new module here defining a ``Head`` subclass with a ``kind``:
 ``head_types()`` imports every module of this package, so ``make_head``, ``featcache
@@ -22,11 +24,12 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .base import Head, HeadInputError
+    from .base import Head
     from .ensemble import EnsembleHead
     from .knn import KNNHead
     from .linear import LinearSVMHead, LogRegHead
     from .mlp import MLPHead
+    from .numpy_predict import HeadInputError
 
 __all__ = ["HEAD_KINDS", "EnsembleHead", "Head", "HeadInputError", "KNNHead", "LinearSVMHead", "LogRegHead", "MLPHead",
            "head_types", "make_head"]
@@ -82,7 +85,9 @@ def __getattr__(name: str):
     """``Head``, ``HeadInputError`` and head classes by class name, imported on first use."""
     if name.startswith("__"):
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    if name in ("Head", "HeadInputError"):
+    if name == "HeadInputError":  # no scikit-learn: the plain-numpy predict path raises it too
+        return getattr(importlib.import_module(f"{__name__}.numpy_predict"), name)
+    if name == "Head":
         return getattr(importlib.import_module(f"{__name__}.base"), name)
     for cls in head_types().values():
         if cls.__name__ == name:

@@ -13,7 +13,6 @@ A subclass that sets ``kind`` registers itself: ``make_head(kind)``, ``featcache
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import ClassVar
 
 import numpy as np
@@ -23,12 +22,11 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ...errors import UsageError
+from .numpy_predict import HeadInputError, check_finite
+
+__all__ = ["REGISTRY", "Head", "HeadInputError"]
 
 REGISTRY: dict[str, type[Head]] = {}
-
-
-class HeadInputError(UsageError, ValueError):
-    """Features, labels or parameters a head cannot use: a usage error to featcache, a ValueError to scikit-learn."""
 
 
 def _one_line(e: Exception) -> str:
@@ -65,7 +63,7 @@ class Head(ClassifierMixin, BaseEstimator):
             check_classification_targets(y)
         except ValueError as e:
             raise HeadInputError(_one_line(e)) from None
-        _check_finite(X)
+        check_finite(X)
         classes, y_idx = np.unique(y, return_inverse=True)
         if len(classes) < 2:
             raise HeadInputError(f"need at least 2 classes to train a head, got 1 class: {classes.tolist()}")
@@ -81,7 +79,7 @@ class Head(ClassifierMixin, BaseEstimator):
             raise
         except ValueError as e:
             raise HeadInputError(_one_line(e)) from None
-        _check_finite(X)
+        check_finite(X)
         return X
 
     # -- prediction ----------------------------------------------------------
@@ -127,31 +125,3 @@ class Head(ClassifierMixin, BaseEstimator):
         if self.derived and hasattr(self, "classes_"):
             self._prepare()
 
-
-def _check_finite(X: np.ndarray) -> None:
-    if not np.isfinite(X).all():
-        raise HeadInputError("features contain NaN or inf (failed rows must be dropped before training)")
-
-
-def softmax(z: np.ndarray) -> np.ndarray:
-    """Row-wise softmax, in float64 so confident rows do not all round to exactly 1."""
-    z = np.asarray(z, np.float64)
-    z = z - z.max(axis=1, keepdims=True)
-    np.exp(z, out=z)
-    z /= z.sum(axis=1, keepdims=True)
-    return z
-
-
-def float64_rows(scores: Callable[[np.ndarray], np.ndarray], X: np.ndarray, rows: int = 8192) -> np.ndarray:
-    """``scores`` applied to float64 copies of blocks of rows of ``X``.
-
-    float32 matrix products differ in the last bit with the number of rows in the batch
-    (BLAS picks other kernels), so a row's probabilities would depend on its neighbours;
-    in float64 that noise sits far below any tolerance. Blocks bound the extra memory.
-    """
-    return np.concatenate([scores(X[i : i + rows].astype(np.float64)) for i in range(0, len(X), rows)])
-
-
-def as_decision(logits: np.ndarray) -> np.ndarray:
-    """scikit-learn's ``decision_function`` shape: one column per class, or one score for two classes."""
-    return logits[:, 1] - logits[:, 0] if logits.shape[1] == 2 else logits

@@ -15,7 +15,8 @@ import numpy as np
 
 from ..splits import stratified_holdout, validation_folds
 from ..threads import thread_count
-from .base import Head, as_decision, float64_rows, softmax
+from .base import Head
+from .numpy_predict import ARRAYS, as_decision, linear_logits, linear_proba
 
 if TYPE_CHECKING:  # torch is imported where a head trains: loading one to predict needs none
     import torch
@@ -26,7 +27,6 @@ class _LinearHead(Head):
 
     loss: ClassVar[str]
     default_Cs: ClassVar[tuple[float, ...]]
-    state_names = ("coef_", "intercept_")
 
     def __init__(self, C: float | None = None, Cs: tuple[float, ...] | None = None, max_iter: int = 30,
                  path_iter: int = 10, tol: float = 1e-5, val_fraction: float = 0.1, select_rows: int | None = 5000,
@@ -171,21 +171,22 @@ class _LinearHead(Head):
         return Cs[best]
 
     def _logits(self, X: np.ndarray) -> np.ndarray:
-        coef, intercept = self.coef_.T.astype(np.float64), self.intercept_.astype(np.float64)
-        return float64_rows(lambda rows: rows @ coef + intercept, X)
+        return linear_logits(X, self.coef_, self.intercept_)
 
     def decision_function(self, X) -> np.ndarray:
         """Class scores ``X @ coef_.T + intercept_``; for two classes one score, > 0 for ``classes_[1]``."""
         return as_decision(self._logits(self._features(X)))
 
     def predict_proba(self, X) -> np.ndarray:
-        return softmax(self._logits(self._features(X)))
+        """What a saved bundle gives without this class (``numpy_predict.plain_predict_proba``): the same code."""
+        return linear_proba(self._features(X), self.coef_, self.intercept_)
 
 
 class LogRegHead(_LinearHead):
     """Multinomial logistic regression (L2). ``C=None`` picks C on a validation split."""
 
     kind = "logreg"
+    state_names = ARRAYS[kind]  # what a saved bundle is applied with, without this class
     loss = "log"
     default_Cs = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
 
@@ -196,7 +197,7 @@ class LinearSVMHead(_LinearHead):
     kind = "linear-svm"
     loss = "squared_hinge"
     default_Cs = (0.001, 0.003, 0.01, 0.03, 0.1)
-    state_names = ("coef_", "intercept_", "temperature_")
+    state_names = ARRAYS[kind]
 
     def _fit(self, X: np.ndarray, y_idx: np.ndarray) -> LinearSVMHead:
 
@@ -223,4 +224,4 @@ class LinearSVMHead(_LinearHead):
         return float(log_t.detach().exp())
 
     def predict_proba(self, X) -> np.ndarray:
-        return softmax(self._logits(self._features(X)) / float(self.temperature_[0]))
+        return linear_proba(self._features(X), self.coef_, self.intercept_, self.temperature_)

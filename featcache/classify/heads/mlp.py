@@ -10,7 +10,8 @@ import numpy as np
 from ..schedule import warmup_cosine
 from ..splits import stratified_holdout
 from ..threads import set_threads
-from .base import Head, as_decision, float64_rows, softmax
+from .base import Head
+from .numpy_predict import as_decision, float64_rows, softmax
 
 if TYPE_CHECKING:  # torch is imported where the network is built: a module of heads to choose from needs none
     from torch import nn
