@@ -24,8 +24,6 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from ...errors import UsageError
 from .numpy_predict import HeadInputError, check_finite
 
-__all__ = ["REGISTRY", "Head", "HeadInputError"]
-
 REGISTRY: dict[str, type[Head]] = {}
 
 
