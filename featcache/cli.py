@@ -610,9 +610,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--engine", default="local", choices=["local", "ray"],
                     help="local: this process; ray: a Ray cluster (pip install 'featcache[ray]')")
     sp.add_argument("--ray-address", help="Ray cluster to join: auto or HOST:PORT (default: start one on this machine)")
-    sp.add_argument("--actors", type=int, help="embedding actors (ray; default: one per GPU, else 1)")
+    sp.add_argument("--actors", type=int, help="embedding actors (ray; default: one per GPU, else one per node)")
     sp.add_argument("--gpus-per-actor", type=float, help="GPUs per embedding actor (ray; default: 1 where GPUs exist)")
-    sp.add_argument("--cpus-per-actor", type=float, help="CPUs per embedding actor (ray; default: Ray's)")
+    sp.add_argument("--cpus-per-actor", type=float, help="CPUs per embedding actor (ray; default: 1 with GPUs, else the smallest node's CPUs)")
 
     sp = add("info", "show images, fingerprints, taps and failures in a cache")
     _cache_arg(sp)

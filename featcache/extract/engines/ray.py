@@ -9,10 +9,12 @@
 - Each actor builds its ``Embedder`` once, lazily (a run with nothing new loads no model), from
   the stored spec and checks that it reproduces the driver's fingerprint, so a node running other
   code fails loudly instead of writing other vectors.
-- On a CPU-only cluster the read and decode tasks ask for the same resources as the actors, and
-  Ray Data fuses the three stages into the actor processes: no pixels cross the object store and
-  each process alternates decode and model on its own core (measured faster than separate tasks
-  on small nodes). With GPU actors the read and decode tasks run apart on every node's CPUs.
+- On a CPU-only cluster each node gets one actor holding all its CPUs (the local engine's shape:
+  one model per machine), and the read and decode tasks ask for the same resources, so Ray Data
+  fuses the three stages into the actor processes: no pixels cross the object store, and each
+  process alternates a decode phase (one thread per CPU) and a model phase (all CPUs). One model
+  per node also means one start-up (imports, model load) per node per job. With GPU actors the
+  read and decode tasks run apart on every node's CPUs.
 - Faults: Ray Data restarts killed actors and retries killed tasks (its defaults); a killed
   driver loses only rows not yet committed, which the next run computes (the ledger).
 - Bad files are rows with a reason, exactly as locally; an exception in a stage fails the job.
@@ -24,6 +26,7 @@ import contextlib
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -115,19 +118,24 @@ def read_batch(batch: dict, known_boxes: list[list], max_bytes: int) -> dict:
 _PRE: dict[str, Preprocess] = {}
 
 
-def decode_batch(batch: dict, preprocess: list[dict], max_pixels: int) -> dict:
-    """New files' bytes to uint8 pixels for each backbone (decoded once); a file that does not decode
-    becomes a failed row with its reason."""
+_POOL: dict[int, ThreadPoolExecutor] = {}
+
+
+def decode_batch(batch: dict, preprocess: list[dict], max_pixels: int, threads: int) -> dict:
+    """New files' bytes to uint8 pixels for each backbone (decoded once), on ``threads`` threads (the
+    task's CPUs); a file that does not decode becomes a failed row with its reason."""
     import torch
 
-    torch.set_num_threads(1)  # one decode per CPU the task holds
+    torch.set_num_threads(1)  # one decode per thread, one thread per CPU the task holds
     pres = [_PRE.setdefault(repr(p), Preprocess.from_dict(p)) for p in preprocess]
     n = len(batch["path"])
     pixels = [np.zeros((n, 3, pre.crop, pre.crop), np.uint8) for pre in pres]
     status, error = batch["status"].astype(object), batch["error"].astype(object)
     t = time.perf_counter()
-    for i in np.flatnonzero(batch["status"] == NEW):
-        res = decode_bytes(bytes(batch["data"][i]), pres, max_pixels)
+    todo = np.flatnonzero(batch["status"] == NEW)
+    pool = _POOL.get(threads) or _POOL.setdefault(threads, ThreadPoolExecutor(threads, thread_name_prefix="decode"))
+    decoded = pool.map(lambda i: decode_bytes(bytes(batch["data"][i]), pres, max_pixels), todo)
+    for i, res in zip(todo, decoded):
         if isinstance(res, str):
             status[i], error[i] = FAILED, res
         else:
@@ -140,28 +148,40 @@ def decode_batch(batch: dict, preprocess: list[dict], max_pixels: int) -> dict:
 
 
 class EmbedActor:
-    """One embedder per backbone per actor, built on the first image that needs it (from the stored spec,
-    its fingerprint checked against the driver's)."""
+    """One embedder per backbone per actor (from the stored spec, its fingerprint checked against the
+    driver's). A backbone that surely has new images (``eager``: more files listed than it holds) is
+    built at once, in a thread, while the first files are read and decoded; the others on the first
+    image that needs one."""
 
     def __init__(self, targets: list[dict], device: str, threads: int, batch_size: int):
         self.targets, self.device, self.threads, self.batch_size = targets, device, threads, batch_size
         self.embedders: dict[int, object] = {}
+        eager = [k for k, t in enumerate(targets) if t["eager"]]
+        self.building = {}
+        if eager:
+            pool = ThreadPoolExecutor(1, thread_name_prefix="model")
+            self.building = {k: pool.submit(self._build, k) for k in eager}
+            pool.shutdown(wait=False)
 
     def _embedder(self, k: int):
         if k not in self.embedders:
-            import torch
-
-            from ..embedder import embedder_for
-
-            t = self.targets[k]
-            torch.set_num_threads(self.threads)
-            emb = embedder_for(t["description"], t["canon"], sorted(t["taps"]), self.device, self.threads,
-                               runtime=t["runtime"], cache=t["cache"])
-            if emb.fingerprint != t["fingerprint"]:
-                raise FingerprintMismatch(f"a Ray worker computes fingerprint {emb.fingerprint}, the driver "
-                                          f"{t['fingerprint']}: install the same featcache and weights on every node")
-            self.embedders[k] = emb
+            self.embedders[k] = self.building.pop(k).result() if k in self.building else self._build(k)
         return self.embedders[k]
+
+    def _build(self, k: int):
+        import torch
+
+        from ..embedder import embedder_for
+
+        t = self.targets[k]
+        torch.set_num_threads(self.threads)
+        emb = embedder_for(t["description"], t["canon"], sorted(t["taps"]), self.device, self.threads,
+                           runtime=t["runtime"], cache=t["cache"])
+        if emb.fingerprint != t["fingerprint"]:
+            raise FingerprintMismatch(f"a Ray worker computes fingerprint {emb.fingerprint}, the driver "
+                                      f"{t['fingerprint']}: install the same featcache and weights on every node")
+        emb.runner  # noqa: B018 - the forward pass prepared (compiled) here, not in the first batch
+        return emb
 
     def __call__(self, batch: dict) -> dict:
         import torch
@@ -236,14 +256,17 @@ class RayEngine:
                 ray.shutdown()
 
     def _resources(self, ray) -> tuple[int, float, float, float]:
-        """(actors, CPUs and GPUs per actor, CPUs per read/decode task) from the flags and the cluster."""
+        """(actors, CPUs and GPUs per actor, CPUs per read/decode task) from the flags and the cluster.
+        Defaults: one actor per GPU with one CPU; without GPUs, one actor per node with the smallest
+        node's CPUs."""
         total = ray.cluster_resources()
         gpus = float(total.get("GPU", 0))
         cfg = self.cfg
         gpa = cfg.gpus_per_actor if cfg.gpus_per_actor is not None else (1.0 if gpus else 0.0)
         if gpa > 0 and gpus < gpa:
             raise UsageError(f"--gpus-per-actor {gpa}: the Ray cluster has {gpus:g} GPUs")
-        cpa = cfg.cpus_per_actor or 1.0
+        node_cpus = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
+        cpa = cfg.cpus_per_actor or (1.0 if gpa else max(1.0, min((c for c in node_cpus if c), default=1.0)))
         actors = cfg.actors or (int(gpus // gpa) if gpa else max(1, int(total.get("CPU", 1) // cpa)))
         if actors < 1 or cpa <= 0 or gpa < 0:
             raise UsageError("--actors and --cpus-per-actor must be positive, --gpus-per-actor not negative")
@@ -268,12 +291,14 @@ class RayEngine:
         # one sorted digest array per backbone; boxed: Ray Data does not resolve object refs inside fn_kwargs
         known = [[ray.put(np.array(sorted(writer.known_digests(t.fingerprint)), dtype="S32"))] for t in ex.targets]
         rows = [{"path": os.fsencode(str(it.path)), "key": it.key, "label": it.label} for it in items]
-        targets = [{**t.description(), "taps": dict(t.group.taps), "cache": ex.cfg.cache} for t in ex.targets]
+        targets = [{**t.description(), "taps": dict(t.group.taps), "cache": ex.cfg.cache,
+                    "eager": len(items) > t.group.rows} for t in ex.targets]
         ds = ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // block)))
         ds = ds.map_batches(read_batch, fn_kwargs={"known_boxes": known, "max_bytes": cfg.max_file_bytes},
                             batch_size=block, batch_format="numpy", num_cpus=task_cpus)
         ds = ds.map_batches(decode_batch, fn_kwargs={"preprocess": [asdict(p) for p in ex.preprocess],
-                                                     "max_pixels": cfg.max_pixels},
+                                                     "max_pixels": cfg.max_pixels,
+                                                     "threads": max(1, int(task_cpus))},
                             batch_size=block, batch_format="numpy", num_cpus=task_cpus)
         return ds.map_batches(
             EmbedActor, fn_constructor_kwargs={"targets": targets, "device": device, "threads": max(1, int(cpa)),
