@@ -763,8 +763,10 @@ def section_coldstart(res: Results) -> str:
              noop["wall_s"] <= T.COLDSTART_NOOP_S and full),
             ("`featcache backbones`", r["backbones"], T.COLDSTART_BACKBONES_S,
              r["backbones"]["wall_s"] <= T.COLDSTART_BACKBONES_S),
-            ("`featcache predict`, one cached image", r["predict_cached"], T.COLDSTART_PREDICT_S,
+            ("`featcache predict`, one cached image (logreg head)", r["predict_cached"], T.COLDSTART_PREDICT_S,
              r["predict_cached"]["wall_s"] <= T.COLDSTART_PREDICT_S)]
+    rows += [(f"`featcache predict`, one cached image ({kind} head)", x, None, None)
+             for kind, x in r.get("predict_other_heads", {}).items()]
     text = f"""## Cold start (issue 13)
 
 `{r['command']}` (raw: `benchmarks/results/coldstart.json`): {r['images']:,} JPEGs, each command a fresh
