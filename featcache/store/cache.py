@@ -52,7 +52,7 @@ FORMAT = 1
 log = logging.getLogger(__name__)
 STATUS_OK, STATUS_FAILED = 0, 1
 _ROWS_1D = 4096
-_TAP_CHUNK_BYTES = 1 << 20
+_TAP_CHUNK_BYTES = 4 << 20  # per chunk file of a tap: a file costs ~1 ms to write whatever its size
 IMAGE_DIMS, ROW_DIMS = ("image",), ("row",)
 
 
