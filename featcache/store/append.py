@@ -12,6 +12,7 @@ time in this process, and ``settle`` waits for it, re-raising its error.
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -25,6 +26,15 @@ from ..errors import CacheError
 _writing: list[Future] = []  # the batch being written in the background (at most one)
 _lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
+
+
+def _forget_the_parents_writer() -> None:
+    """A forked child has no commit thread (and no batch of its own in flight): it starts its own."""
+    global _pool, _writing, _lock
+    _pool, _writing, _lock = None, [], threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_the_parents_writer)
 
 
 def round_up(n: int, chunk: int) -> int:
