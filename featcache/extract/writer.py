@@ -21,10 +21,12 @@ import json
 import os
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from ..store.append import Batch, settle, writing
 from ..store.cache import STATUS_FAILED, STATUS_OK, FeatureCache, FeatureGroup
 from .sources import Item
 from .stages import reason_bucket
@@ -33,12 +35,9 @@ MAX_LISTED = 1000  # failures and conflicts listed in a summary (all are counted
 
 
 @dataclass
-class _Seen:
-    """A content's occurrences in this run."""
+class _Occurrences:
+    """Every name and label a content was found under in this run, kept only once it has two or more."""
 
-    key: str
-    path: str | os.PathLike
-    label: str
     labels: set[str]
     keys: list[str]
 
@@ -49,30 +48,55 @@ class _Seen:
 
 class _Rows:
     """Feature rows computed but not committed yet: a contiguous run starting at ``start``, in
-    buffers allocated once (NaN where a row failed), so a commit copies no row twice."""
+    buffers kept between commits (NaN where a row failed), so a commit copies no row twice."""
 
     def __init__(self, start: int, capacity: int, taps: dict[str, int]):
         self.start = start
         self.image: list[int] = []
         self.status: list[int] = []
         self.error: list[str] = []
-        self.taps = {tap: np.full((capacity, dim), np.nan, np.float32) for tap, dim in taps.items()}
+        self.taps = {tap: np.empty((capacity, dim), np.float32) for tap, dim in taps.items()}
 
     def __len__(self) -> int:
         return len(self.image)
 
+    def grow(self) -> None:
+        """Twice the room (rows wait longer while a commit is being written)."""
+        for tap, buf in self.taps.items():
+            bigger = np.empty((2 * len(buf), buf.shape[1]), np.float32)
+            bigger[: len(self)] = buf[: len(self)]
+            self.taps[tap] = bigger
+
     def reset(self, start: int) -> None:
         self.start = start
         self.image, self.status, self.error = [], [], []
-        for buf in self.taps.values():
-            buf.fill(np.nan)
+
+
+Result = dict[str, dict[str, np.ndarray]] | str  # {fingerprint: {tap: vector}}, or why the image failed
+
+
+GROUP_COMMIT = 8  # rows may wait for up to this many times ``commit_every`` while a commit is being written
+GROUP_COMMIT_BYTES = 64 << 20  # ... and no more than this much of vectors per fingerprint
 
 
 class CacheWriter:
-    """Registers contents and appends each fingerprint's feature rows; ``summary()`` counts the run."""
+    """Registers contents and appends each fingerprint's feature rows; ``summary()`` counts the run.
+
+    ``register_many`` / ``add_many`` take a whole batch of files or results at once (what the engines
+    hand over); ``register`` / ``add`` are the same for one.
+
+    Commits are written in the background while rows keep coming: one commit is written at a time,
+    and ``commit_every`` rows start the next as soon as the one before is written. Rows that arrive
+    faster than commits are written join the next commit (a group commit, up to ``GROUP_COMMIT`` times
+    ``commit_every`` rows, then the writer waits): a saturated writer commits fewer, larger batches
+    instead of falling behind. ``commit()`` returns once everything added is committed.
+    """
 
     def __init__(self, cache: FeatureCache, groups: dict[str, FeatureGroup], commit_every: int = 512):
         self.cache, self.groups, self.commit_every = cache, groups, max(1, commit_every)
+        row_bytes = max((4 * sum(g.taps.values()) for g in groups.values()), default=1) or 1
+        self.most_waiting = max(self.commit_every, min(GROUP_COMMIT * self.commit_every, GROUP_COMMIT_BYTES // row_bytes))
+        self.commits = 0
         table = cache.images()
         self.committed_images = len(table)
         self.sha = table.sha256.tolist()
@@ -81,7 +105,10 @@ class CacheWriter:
         self.row_of = {s: i for i, s in enumerate(self.sha)}
         self.key_row = {k: i for i, k in enumerate(self.cols["key"]) if k}
         self.in_group = {fp: set(g.image_rows().tolist()) for fp, g in groups.items()}
-        self.seen: dict[int, _Seen] = {}
+        # content row -> (key, path, label) standing for it in this run: plain strings, which Python's cycle
+        # collector stops tracking, so a run of millions of images does not slow every collection down
+        self.seen: dict[int, tuple[str, str, str]] = {}
+        self.more: dict[int, _Occurrences] = {}  # contents found under several names in this run
         self.dirty: set[int] = set()
         self.rows = {fp: _Rows(g.rows, self.commit_every, g.taps) for fp, g in groups.items()}
         self.timings: Counter = Counter()
@@ -101,30 +128,47 @@ class CacheWriter:
 
     def register(self, item: Item, sha256: str) -> tuple[str, int]:
         """("new" | "known" | "duplicate", image row) for a file that was read."""
-        self.counts["files"] += 1
-        row = self.row_of.get(sha256)
-        if row is not None and row in self.seen:
-            s = self.seen[row]
-            s.labels.add(item.label)
-            s.keys.append(item.key)
-            if item.key < s.key:  # the smallest name stands for the content, whatever the arrival order
-                s.key, s.path, s.label = item.key, item.path, item.label
-            self.dirty.add(row)
-            self.counts["duplicate_files"] += 1
-            return "duplicate", row
-        if row is None:
-            row = len(self.sha)
-            self.sha.append(sha256)
-            for col in self.cols.values():
-                col.append("")
-            self.row_of[sha256] = row
-        self.seen[row] = _Seen(item.key, item.path, item.label, {item.label}, [item.key])
-        self.dirty.add(row)
-        self.counts["unique_images"] += 1
-        if not self.needs(row):
-            self.counts["already_cached"] += 1
-            return "known", row
-        return "new", row
+        return self.register_many([item], [sha256])[0]
+
+    def register_many(self, items: Sequence[Item], sha256s: Sequence[str]) -> list[tuple[str, int]]:
+        """``register`` for each (item, sha256) of a batch, in order."""
+        out: list[tuple[str, int]] = []
+        row_of, seen, dirty, sha, cols = self.row_of, self.seen, self.dirty, self.sha, list(self.cols.values())
+        groups = list(self.in_group.values())
+        duplicates = known = 0
+        for item, digest in zip(items, sha256s, strict=True):
+            row = row_of.get(digest)
+            if row is not None and row in seen:
+                key, _, label = seen[row]
+                more = self.more.get(row) or self.more.setdefault(row, _Occurrences({label}, [key]))
+                more.labels.add(item.label)
+                more.keys.append(item.key)
+                if item.key < key:  # the smallest name stands for the content, whatever the arrival order
+                    seen[row] = (item.key, os.fspath(item.path), item.label)
+                dirty.add(row)
+                duplicates += 1
+                out.append(("duplicate", row))
+                continue
+            fresh = row is None
+            if fresh:
+                row = len(sha)
+                sha.append(digest)
+                for col in cols:
+                    col.append("")
+                row_of[digest] = row
+            seen[row] = (item.key, os.fspath(item.path), item.label)
+            dirty.add(row)
+            if (fresh and groups) or any(row not in g for g in groups):
+                out.append(("new", row))
+            else:
+                known += 1
+                out.append(("known", row))
+        c = self.counts
+        c["files"] += len(out)
+        c["duplicate_files"] += duplicates
+        c["unique_images"] += len(out) - duplicates
+        c["already_cached"] += known
+        return out
 
     def unreadable(self, key: str, reason: str) -> None:
         """A listed entry with no content to identify (unreadable, special file, too large)."""
@@ -138,64 +182,100 @@ class CacheWriter:
             self.failures.append({"key": key, "error": reason})
 
     # -- feature rows -------------------------------------------------------------
-    def add(self, row: int, result: dict[str, dict[str, np.ndarray]] | str) -> None:
+    def add(self, row: int, result: Result) -> None:
         """New feature rows for image ``row`` in every fingerprint that lacks it: {fingerprint: {tap:
         vector}}, or the reason the image failed (a failed row in each of them)."""
-        failed = isinstance(result, str)
-        for fp in self.needs(row):
-            buf = self.rows[fp]
-            if not failed:
-                for tap, vectors in buf.taps.items():
-                    vectors[len(buf)] = result[fp][tap]
-            buf.image.append(row)
-            buf.status.append(STATUS_FAILED if failed else STATUS_OK)
-            buf.error.append(result if failed else "")
-            self.in_group[fp].add(row)
-        self.counts["extracted"] += 1
-        if failed:
-            self._fail(self.seen[row].key if row in self.seen else self.cols["key"][row], result)
-        if max(len(b) for b in self.rows.values()) >= self.commit_every:
-            self.commit()
+        self.add_many([row], [result])
+
+    def add_many(self, rows: Sequence[int], results: Sequence[Result]) -> None:
+        """``add`` for each (row, result) of a batch, in order; commits once ``commit_every`` rows wait
+        (later while a commit is still being written, up to ``most_waiting`` rows)."""
+        targets = [(fp, self.rows[fp], self.in_group[fp]) for fp in self.groups]
+        waiting = max(len(b) for b in self.rows.values()) if self.rows else 0
+        for row, result in zip(rows, results, strict=True):
+            failed = isinstance(result, str)
+            for fp, buf, have in targets:
+                if row in have:
+                    continue
+                n = len(buf.image)
+                if buf.taps and n == len(next(iter(buf.taps.values()))):
+                    buf.grow()
+                for tap, buffer in buf.taps.items():
+                    buffer[n] = np.nan if failed else result[fp][tap]
+                buf.image.append(row)
+                buf.status.append(STATUS_FAILED if failed else STATUS_OK)
+                buf.error.append(result if failed else "")
+                have.add(row)
+                waiting = max(waiting, n + 1)
+            if failed:
+                self._fail(self.seen[row][0] if row in self.seen else self.cols["key"][row], result)
+            if waiting >= self.commit_every and (waiting >= self.most_waiting or not writing()):
+                self._commit()
+                waiting = 0
+        self.counts["extracted"] += len(rows)
 
     def commit(self) -> None:
         """Make everything added so far durable and visible (image rows, metadata, then the ledger)."""
+        self._commit()
         t = time.perf_counter()
-        self._flush_images()
+        settle()
+        self.timings["write"] += time.perf_counter() - t
+
+    def _commit(self) -> None:
+        """Queue everything added so far as one batch, written in the background while rows keep coming
+        (``add_many`` commits this way): it is committed once written, and the next batch waits for it."""
+        t = time.perf_counter()
+        batch = Batch()  # image rows, then every fingerprint's rows, written at once; the ledgers after, in order
+        self._flush_images(batch)
+        ends = {}
         for fp, buf in self.rows.items():
             if not len(buf):
                 continue
             group, end = self.groups[fp], buf.start + len(buf)
-            group.write_rows(buf.start, np.asarray(buf.image, np.int64), np.asarray(buf.status, np.int8), buf.error)
+            group.write_rows(buf.start, np.asarray(buf.image, np.int64), np.asarray(buf.status, np.int8), buf.error,
+                             batch)
             for tap, vectors in buf.taps.items():
-                group.write_tap(tap, buf.start, vectors[: len(buf)])
-            group.commit(end, dict.fromkeys(buf.taps, end))
-            buf.reset(end)
+                group.write_tap(tap, buf.start, vectors[: len(buf)], batch)
+            group.commit(end, dict.fromkeys(buf.taps, end), batch)
+            ends[fp] = end
+        batch.start()
+        self.commits += 1
+        for fp, end in ends.items():
+            self.rows[fp].reset(end)
         self.timings["write"] += time.perf_counter() - t
 
-    def _flush_images(self) -> None:
+    def _flush_images(self, batch: Batch) -> None:
+        """Settle this run's names for the contents seen since the last commit; committed rows whose
+        names changed are rewritten now, new rows (and the images ledger) are queued in ``batch``."""
         dirty = sorted(self.dirty)
+        keys, key_row, seen, committed = self.cols["key"], self.key_row, self.seen, self.committed_images
         for row in dirty:  # keys that move away are released first, so contents can swap names
-            old = self.cols["key"][row]
-            if old and old != self.seen[row].key and self.key_row.get(old) == row:
-                del self.key_row[old]
+            old = keys[row]
+            if old and old != seen[row][0] and key_row.get(old) == row:
+                del key_row[old]
+        paths, labels, conflicts = self.cols["path"], self.cols["label"], self.cols["conflict"]
         for row in dirty:
-            s = self.seen[row]
-            holder = self.key_row.get(s.key)
+            key, path, label = seen[row]
+            more = self.more.get(row)
+            conflict = more.conflict() if more is not None else ""
+            holder = key_row.get(key)
             if holder is not None and holder != row:  # the key's file now holds other bytes
                 self._set(holder, key="", path="")
                 self.counts["orphaned"] += 1
-            self.key_row[s.key] = row
-            self._set(row, key=s.key, path=os.fspath(s.path), label=s.label, conflict=s.conflict())
+            key_row[key] = row
+            if row >= committed:  # a row not appended yet is written whole
+                keys[row], paths[row], labels[row], conflicts[row] = key, path, label, conflict
+            else:
+                self._set(row, key=key, path=path, label=label, conflict=conflict)
         self.dirty.clear()
-        new = range(self.committed_images, len(self.sha))
-        if len(new):
-            self.cache.append_images([self.sha[r] for r in new], *([self.cols[c][r] for r in new]
-                                                                     for c in ("key", "path", "label", "conflict")))
-            self.committed_images = len(self.sha)
-        if self._updates:
+        if self._updates:  # before the append: it may rewrite the chunk these rows are in
             rows = np.asarray(sorted(self._updates), np.int64)
             self.cache.update_images(rows, **{c: [self.cols[c][r] for r in rows] for c in self.cols})
             self._updates.clear()
+        if len(self.sha) > committed:
+            self.cache.append_images(self.sha[committed:], *(self.cols[c][committed:] for c in
+                                                             ("key", "path", "label", "conflict")), batch=batch)
+            self.committed_images = len(self.sha)
 
     def _set(self, row: int, **values: str) -> None:
         for name, value in values.items():
@@ -206,8 +286,8 @@ class CacheWriter:
 
     # -- summary ------------------------------------------------------------------
     def conflicts(self) -> list[dict]:
-        out = [{"sha256": self.sha[r], "keys": sorted(s.keys), "labels": json.loads(s.conflict())}
-               for r, s in self.seen.items() if s.conflict()]
+        out = [{"sha256": self.sha[r], "keys": sorted(m.keys), "labels": json.loads(m.conflict())}
+               for r, m in self.more.items() if m.conflict()]
         return sorted(out, key=lambda c: c["keys"][0])
 
     def summary(self) -> dict:

@@ -25,12 +25,14 @@ the ledger; featcache itself always reads the live metadata (``use_consolidated=
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
 import os
 import uuid
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -39,6 +41,7 @@ import numpy as np
 import zarr
 
 from ..errors import CacheError, FingerprintMismatch, NotFoundError, UsageError
+from .append import Batch, Column, round_up, settle
 from .names import decode_name, encode_name, printable
 from .outputs import writable_dir
 
@@ -49,7 +52,7 @@ FORMAT = 1
 log = logging.getLogger(__name__)
 STATUS_OK, STATUS_FAILED = 0, 1
 _ROWS_1D = 4096
-_TAP_CHUNK_BYTES = 1 << 20
+_TAP_CHUNK_BYTES = 4 << 20  # per chunk file of a tap: a file costs ~1 ms to write whatever its size
 IMAGE_DIMS, ROW_DIMS = ("image",), ("row",)
 
 
@@ -138,6 +141,7 @@ class FeatureCache:
                     imgs.create_array(name, shape=(imgs["sha256"].shape[0] if "sha256" in imgs else 0,),
                                       chunks=(_ROWS_1D,), dtype=str, fill_value="", dimension_names=IMAGE_DIMS)
         self.uid: str | None = meta.get("id")
+        self._appender: _ImageAppender | None = None  # a writer's image columns, opened at its first append
 
     def _open(self, *path: str) -> zarr.Group:
         """A subgroup, read-only for readers."""
@@ -159,25 +163,25 @@ class FeatureCache:
         return ImageTable(**cols)
 
     def append_images(self, sha256: list[str], keys: list[str], paths: list[str], labels: list[str],
-                      conflicts: list[str] | None = None) -> None:
-        """Append new image rows and commit them (``paths`` are OS paths; the rest stored text)."""
-        g = self._images()
-        n = int(g.attrs["rows"])
-        m = n + len(sha256)
-        if m == n:
+                      conflicts: list[str] | None = None, batch: Batch | None = None) -> None:
+        """Append new image rows and commit them (``paths`` are OS paths; the rest stored text).
+
+        With ``batch``, the rows and the ledger's move are queued there (the caller runs it) instead.
+        The rows go after the ledger this writer last read or moved: one writer per cache (``writer_lock``).
+        """
+        if not sha256:
             return
-        cols = {"sha256": sha256, "key": keys, "path": [encode_name(p) for p in paths], "label": labels,
-                "conflict": conflicts or [""] * len(sha256)}
-        for name, values in cols.items():
-            arr = g[name]
-            _ensure_capacity(arr, m, _ROWS_1D)
-            arr[n:m] = strings(values)
-        g.attrs.update({"rows": m})
+        if self._appender is None:
+            self._appender = _ImageAppender(self._images())
+        with _batch(batch) as b:
+            self._appender.append(b, {"sha256": sha256, "key": keys, "path": [encode_name(p) for p in paths],
+                                      "label": labels, "conflict": conflicts or [""] * len(sha256)})
 
     def update_images(self, rows: np.ndarray, **columns: list[str]) -> None:
         """Rewrite columns of committed rows, e.g. ``key=, path=, label=`` for a moved or relabelled file."""
         if len(rows) == 0:
             return
+        settle()  # a chunk read, changed and written back: not while a batch writes it
         g = self._images()
         order = np.argsort(rows)
         rows = np.asarray(rows)[order]
@@ -185,6 +189,8 @@ class FeatureCache:
             if name == "path":
                 values = [encode_name(p) for p in values]
             g[name].set_coordinate_selection(rows, strings(values)[order])
+            if self._appender is not None:
+                self._appender.cols[name].forget()
 
     # -- feature groups ----------------------------------------------------------
     def fingerprints(self) -> list[str]:
@@ -237,7 +243,7 @@ class FeatureCache:
                 continue
             chunk = max(16, _TAP_CHUNK_BYTES // (4 * dim))
             rows = int(g.attrs["rows"])
-            g["taps"].create_array(tap, shape=(_round_up(rows, chunk), dim), chunks=(chunk, dim),
+            g["taps"].create_array(tap, shape=(round_up(rows, chunk), dim), chunks=(chunk, dim),
                                        dtype="float32", fill_value=float("nan"), compressors=None,
                                        dimension_names=tap_dim_names(tap))
             taps[tap], tap_rows[tap] = dim, 0
@@ -327,8 +333,32 @@ class FeatureCache:
         return out
 
 
+class _ImageAppender:
+    """A writer's image columns and the images ledger, kept open between commits."""
+
+    def __init__(self, group: zarr.Group):
+        self.g = group
+        self.end = int(group.attrs["rows"])  # rows queued, committed or about to be
+        self.cols = {name: Column(group[name]) for name in IMAGE_COLUMNS}
+
+    def append(self, batch: Batch, columns: dict[str, list[str]]) -> None:
+        n = self.end
+        m = self.end = n + len(columns["sha256"])
+        for name, values in columns.items():
+            self.cols[name].append(batch, n, strings(values))
+
+        async def move() -> None:
+            self.g = await self.g.update_attributes_async({**self.g.attrs.asdict(), "rows": m})
+
+        batch.ledger(move)
+
+
 class FeatureGroup:
-    """Writer for one fingerprint's rows. Write past the ledger, then ``commit``."""
+    """Writer for one fingerprint's rows. Write past the ledger, then ``commit``.
+
+    Each method takes an optional ``batch``: the writes (and the ledger's move) are queued there, for
+    the caller to run with the rest of a commit; without one, each call writes at once.
+    """
 
     def __init__(self, group: zarr.Group):
         self.g = group
@@ -336,6 +366,14 @@ class FeatureGroup:
         self.rows = int(attrs["rows"])
         self.tap_rows = {k: int(v) for k, v in attrs["tap_rows"].items()}
         self.taps = dict(attrs["taps"])
+        self._cols: dict[str, Column] = {}
+
+    def _column(self, name: str) -> Column:
+        """The array ``name`` (``taps/<tap>`` for a tap), opened once."""
+        col = self._cols.get(name)
+        if col is None:
+            col = self._cols[name] = Column(self.g[name])
+        return col
 
     def image_rows(self) -> np.ndarray:
         return self.g["image"][: self.rows]
@@ -343,23 +381,37 @@ class FeatureGroup:
     def status(self) -> np.ndarray:
         return self.g["status"][: self.rows]
 
-    def write_rows(self, start: int, image: np.ndarray, status: np.ndarray, error: list[str]) -> None:
-        end = start + len(image)
-        for name, values in (("image", image), ("status", status), ("error", strings(error))):
-            arr = self.g[name]
-            _ensure_capacity(arr, end, _ROWS_1D)
-            arr[start:end] = values
+    def write_rows(self, start: int, image: np.ndarray, status: np.ndarray, error: list[str],
+                   batch: Batch | None = None) -> None:
+        with _batch(batch) as b:
+            for name, values in (("image", image), ("status", status), ("error", strings(error))):
+                self._column(name).append(b, start, np.asarray(values))
 
-    def write_tap(self, tap: str, start: int, vectors: np.ndarray) -> None:
-        arr = self.g["taps"][tap]
-        _ensure_capacity(arr, start + len(vectors), arr.chunks[0])
-        arr[start : start + len(vectors)] = vectors
+    def write_tap(self, tap: str, start: int, vectors: np.ndarray, batch: Batch | None = None) -> None:
+        with _batch(batch) as b:
+            self._column(f"taps/{tap}").append(b, start, vectors)
 
-    def commit(self, rows: int, tap_rows: dict[str, int]) -> None:
+    def commit(self, rows: int, tap_rows: dict[str, int], batch: Batch | None = None) -> None:
         """Atomically move the ledger: rows below these counts become visible."""
-        self.rows = rows
-        self.tap_rows.update(tap_rows)
-        self.g.attrs.update({"rows": rows, "tap_rows": self.tap_rows})
+        moved = {**self.tap_rows, **tap_rows}
+
+        async def move() -> None:
+            self.g = await self.g.update_attributes_async({**self.g.attrs.asdict(), "rows": rows, "tap_rows": moved})
+            self.rows, self.tap_rows = rows, moved
+
+        with _batch(batch) as b:
+            b.ledger(move)
+
+
+@contextlib.contextmanager
+def _batch(batch: Batch | None) -> Iterator[Batch]:
+    """The caller's batch, or one of its own that is run on leaving."""
+    if batch is not None:
+        yield batch
+        return
+    own = Batch()
+    yield own
+    own.run()
 
 
 def writer_lock(root: str | os.PathLike) -> _Lock:
@@ -410,6 +462,7 @@ def seal(root: str | os.PathLike) -> None:
     consolidated. Run by the writer as it lets go of the cache (once per run, never per commit); anything else
     that writes must hold the writer lock. A cache that is not a featcache cache (or none yet) is left alone."""
     root = Path(root)
+    settle()
     if not (root / "zarr.json").is_file():
         return
     group = zarr.open_group(str(root), mode="r+", zarr_format=3, use_consolidated=False)
@@ -459,12 +512,3 @@ def strings(values) -> np.ndarray:
 def _unicode(values: np.ndarray) -> np.ndarray:
     """Plain fixed-width numpy strings, which every numpy/sklearn API accepts."""
     return np.array(values.tolist(), dtype=str)
-
-
-def _round_up(n: int, chunk: int) -> int:
-    return -(-n // chunk) * chunk
-
-
-def _ensure_capacity(arr: zarr.Array, rows: int, chunk: int) -> None:
-    if arr.shape[0] < rows:
-        arr.resize((max(_round_up(rows, chunk), 2 * arr.shape[0]), *arr.shape[1:]))
