@@ -605,7 +605,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--workers", type=int, help="decode threads (default: the available CPUs)")
     sp.add_argument("--labels", default="folder", choices=["folder", "none"], help="labels from first-level folders, or none")
     sp.add_argument("--max-pixels", type=int, default=64_000_000, help="refuse larger images (decompression bombs)")
-    sp.add_argument("--commit-every", type=int, default=512, help="images per durable commit (resume granularity)")
+    sp.add_argument("--commit-every", type=int, default=512, help="images per durable commit (resume granularity; more while the writer is saturated)")
     sp.add_argument("--max-file-mb", type=int, default=256, help="refuse files larger than this (MiB)")
     sp.add_argument("--engine", default="local", choices=["local", "ray"],
                     help="local: this process; ray: a Ray cluster (pip install 'featcache[ray]')")
