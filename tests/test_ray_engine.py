@@ -118,11 +118,14 @@ def local60(tmp_path_factory, lite0_embedder) -> Path:
     return root / "cache"
 
 
-def _ray_actor_pids() -> list[int]:
+def _ray_actor_pids(cluster) -> list[int]:
+    """The embedding actors' processes on this cluster's nodes (workers are children of their node's raylet;
+    another Ray cluster on the machine, e.g. another test run, is left alone)."""
+    raylets = {node.all_processes["raylet"][0].process.pid for node in cluster.list_all_nodes()}
     out = []
-    for p in psutil.process_iter(["pid", "cmdline"]):
+    for p in psutil.process_iter(["pid", "ppid", "cmdline"]):
         cmd = " ".join(p.info["cmdline"] or [])
-        if cmd.startswith("ray::MapWorker"):
+        if cmd.startswith("ray::MapWorker") and p.info["ppid"] in raylets:
             out.append(p.info["pid"])
     return out
 
@@ -139,12 +142,12 @@ def test_killed_actor_loses_and_duplicates_nothing(ray_cluster, tmp_path, lite0_
     _photos(src, 60)
     cache = tmp_path / "ray"
     killed: list[int] = []
-    earlier = set(_ray_actor_pids())  # an actor of an earlier job that is still exiting is not this job's
+    earlier = set(_ray_actor_pids(ray_cluster))  # an actor of an earlier job that is still exiting is not this job's
 
     def killer():
         deadline = time.time() + 300
         while time.time() < deadline and not killed:
-            pids = [p for p in _ray_actor_pids() if p not in earlier]
+            pids = [p for p in _ray_actor_pids(ray_cluster) if p not in earlier]
             if pids and _ledger(cache) >= 8:
                 os.kill(pids[0], signal.SIGKILL)
                 killed.append(pids[0])
