@@ -11,6 +11,8 @@ os.environ.setdefault("FEATCACHE_RUNTIME", "torch")
 os.environ.setdefault("FEATCACHE_PRECISION", "fp32")
 
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -33,6 +35,12 @@ def lite0_embedder(lite0) -> Embedder:
 
 
 @pytest.fixture(scope="session")
+def mnv2_embedder() -> Embedder:
+    """MobileNetV2 fp32 (the suite's second backbone), loaded and traced once for every test that needs it."""
+    return Embedder(Backbone.load(resolve("mobilenet_v2")), ["final"], "cpu", "fp32")
+
+
+@pytest.fixture(scope="session")
 def imagenet_dir(tmp_path_factory) -> Path:
     """The 20 ImageNet JPEGs as a labelled folder: <class index>/<file>.jpg."""
     root = tmp_path_factory.mktemp("imagenet20")
@@ -47,17 +55,33 @@ def tux_csv(tmp_path_factory) -> Path:
     return write_tuxpaint_csv(tmp_path_factory.mktemp("tux") / "tuxpaint.csv")
 
 
+def _files(root: Path) -> dict[str, tuple[int, int]]:
+    """Every file under ``root``: relative path -> (size, mtime in ns)."""
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+@contextmanager
+def read_only(cache: Path) -> Iterator[Path]:
+    """Hand a shared cache to the tests; at the end of the session, fail if any of them wrote to it."""
+    before = _files(cache)
+    yield cache
+    assert _files(cache) == before, f"a test wrote to the shared read-only cache {cache}: copy it first"
+
+
 @pytest.fixture(scope="session")
-def tux_cache(tmp_path_factory, tux_csv, lite0_embedder) -> Path:
+def tux_cache(tmp_path_factory, tux_csv, lite0_embedder) -> Iterator[Path]:
     """A real cache: 240 Tux Paint stamps (7 classes) through EfficientNet-Lite0. Read-only for tests."""
     cache = tmp_path_factory.mktemp("tuxcache") / "cache"
     Extraction(ExtractConfig(str(tux_csv), str(cache), progress=False), lite0_embedder).run()
-    return cache
+    with read_only(cache):
+        yield cache
 
 
 @pytest.fixture(scope="session")
-def imagenet_cache(tmp_path_factory, imagenet_dir, lite0_embedder) -> Path:
+def imagenet_cache(tmp_path_factory, imagenet_dir, lite0_embedder) -> Iterator[Path]:
     """A small real cache: the 20 ImageNet JPEGs through EfficientNet-Lite0 (labels: class index). Read-only."""
     cache = tmp_path_factory.mktemp("imagenetcache") / "cache"
     Extraction(ExtractConfig(str(imagenet_dir), str(cache), progress=False), lite0_embedder).run()
-    return cache
+    with read_only(cache):
+        yield cache

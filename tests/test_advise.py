@@ -88,7 +88,7 @@ def test_short_finetune_within_budget_equals_the_full_run_when_everything_fits(t
     assert "subset" not in quick.details  # every row fitted: nothing to qualify
 
 
-def test_test_source_split_and_a_second_backbone(tmp_path, tux_csv, lite0_embedder, capsys):
+def test_test_source_split_and_a_second_backbone(tmp_path, tux_csv, lite0_embedder, mnv2_embedder, capsys):
     """Drawn from a test folder; a second cached backbone is a candidate and ImageNet-likeness is compared."""
     rows = [line.split(",") for line in tux_csv.read_text().splitlines()[1:]]
     by_class: dict[str, list[str]] = {}
@@ -101,10 +101,9 @@ def test_test_source_split_and_a_second_backbone(tmp_path, tux_csv, lite0_embedd
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(p, dest)
     cache = tmp_path / "cache"
-    for folder in (src, test):
-        Extraction(ExtractConfig(str(folder), str(cache), progress=False), lite0_embedder).run()
-    Extraction(ExtractConfig(str(src), str(cache), backbone="mobilenet_v2", progress=False)).run()
-    Extraction(ExtractConfig(str(test), str(cache), backbone="mobilenet_v2", progress=False)).run()
+    for emb in (lite0_embedder, mnv2_embedder):
+        for folder in (src, test):
+            Extraction(ExtractConfig(str(folder), str(cache), progress=False), emb).run()
     fp = next(f["fingerprint"] for f in main_info(cache, capsys) if f["backbone"] == "efficientnet_lite0")
     assert main(["advise", "--cache", str(cache), "--fingerprint", fp, "--test-source", str(test), "--no-finetune",
                  "--json"]) == 0

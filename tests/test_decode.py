@@ -24,6 +24,12 @@ PRE = BUILTIN["efficientnet_lite0"].preprocess
 BILINEAR = next(s.preprocess for s in BUILTIN.values() if s.preprocess.interpolation == "bilinear")
 
 
+@pytest.fixture(scope="module")
+def variants() -> dict[str, bytes]:
+    """One real photo in every mode and format (encoding them, AVIF above all, takes seconds): read only."""
+    return mode_variants(real_photo(3).resize((320, 240)))
+
+
 def reference_decode(data: bytes, background=(255, 255, 255)) -> torch.Tensor:
     """featcache-decode-v1 as first written (whole-image Pillow conversions): what spec.DECODER promises."""
     img = Image.open(io.BytesIO(data))
@@ -56,10 +62,10 @@ def reference_preprocess(rgb: torch.Tensor, pre) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("tile_pixels", [decode.TILE_PIXELS, 1000, 100])
-def test_pixels_are_those_of_the_reference_decoder(monkeypatch, tile_pixels):
+def test_pixels_are_those_of_the_reference_decoder(monkeypatch, variants, tile_pixels):
     """Bounded decoding changed no pixel: same tensors (and memory layout) for every mode, tiles of any size."""
     monkeypatch.setattr(decode, "TILE_PIXELS", tile_pixels)  # 100: every row is cut into pieces
-    for name, data in mode_variants(real_photo(3).resize((320, 240))).items():
+    for name, data in variants.items():
         want = reference_decode(data, (10, 20, 30))
         got = decode_rgb(data, (10, 20, 30))
         assert torch.equal(got, want) and got.stride() == want.stride(), name
@@ -123,8 +129,8 @@ def test_pixel_limit_is_configurable():
         load_image(data, PRE, max_pixels=100_000)
 
 
-def test_every_mode_becomes_rgb():
-    for name, data in mode_variants(real_photo(3).resize((320, 240))).items():
+def test_every_mode_becomes_rgb(variants):
+    for name, data in variants.items():
         x = load_image(data, PRE)
         assert x.shape == (3, 224, 224) and x.dtype == torch.uint8, name
 

@@ -11,7 +11,6 @@ import json
 import shutil
 import subprocess
 import sys
-from collections import Counter
 
 import httpx
 import numpy as np
@@ -34,28 +33,21 @@ from featcache.store.cache import FeatureCache
 
 from .images import jpeg_bytes, real_photo
 from .live import LiveServer
+from .tux import per_class_csv
 
 FAST_LOGREG = {"Cs": (0.1, 1.0), "path_iter": 5}
 PER_CLASS = 15
 
 
 @pytest.fixture(scope="module")
-def ens_cache(tux_cache, tux_csv, tmp_path_factory):
+def ens_cache(tux_cache, tux_csv, mnv2_embedder, tmp_path_factory):
     """A copy of the Lite0 Tux cache plus MobileNetV2 vectors of up to 15 images per class."""
     root = tmp_path_factory.mktemp("enscache")
     cache = root / "cache"
     shutil.copytree(tux_cache, cache)
-    counts: Counter[str] = Counter()
-    keep = []
-    for row in tux_csv.read_text().splitlines()[1:]:
-        label = row.rsplit(",", 1)[1]
-        if counts[label] < PER_CLASS:
-            keep.append(row)
-            counts[label] += 1
-    sub = root / "subset.csv"
-    sub.write_text("path,label\n" + "\n".join(keep) + "\n")
-    Extraction(ExtractConfig(str(sub), str(cache), backbone="mobilenet_v2", progress=False)).run()
-    return cache, len(keep)
+    rows = per_class_csv(tux_csv, root / "subset.csv", PER_CLASS)
+    Extraction(ExtractConfig(str(root / "subset.csv"), str(cache), progress=False), mnv2_embedder).run()
+    return cache, rows
 
 
 @pytest.fixture(scope="module")

@@ -15,14 +15,15 @@ import numpy as np
 import pytest
 import zarr
 
-from featcache.extract.backbone import Backbone
 from featcache.extract.embedder import Embedder
 from featcache.extract.pipeline import ExtractConfig, Extraction
 from featcache.extract.registry import resolve
+from featcache.extract.sources import Listing, list_source
 from featcache.extract.spec import fingerprint
 from featcache.store.cache import FeatureCache
 
 from .images import bad_files
+from .tux import per_class_csv
 
 CLI = [sys.executable, "-m", "featcache.cli"]
 
@@ -32,9 +33,9 @@ def run(source, cache, emb, **kw) -> dict:
 
 
 @pytest.mark.parametrize("name", ["efficientnet_lite0", "mobilenet_v2"])
-def test_imagenet20_top1_through_the_cache(name, imagenet_dir, tmp_path, lite0_embedder):
+def test_imagenet20_top1_through_the_cache(name, imagenet_dir, tmp_path, lite0_embedder, mnv2_embedder):
     """Weights and preprocessing are right: the original 1000-way layer on cached features."""
-    emb = lite0_embedder if name == "efficientnet_lite0" else Embedder(Backbone.load(resolve(name)), ["final"], "cpu")
+    emb = {"efficientnet_lite0": lite0_embedder, "mobilenet_v2": mnv2_embedder}[name]
     summary = run(imagenet_dir, tmp_path / "c", emb)
     assert summary["extracted"] == 20 and summary["failed"] == 0
     feats = FeatureCache(tmp_path / "c").read(tap="final")
@@ -121,21 +122,25 @@ def test_fingerprint_changes_when_it_must_and_only_then(lite0):
     assert fingerprint(other_arch, lite0.weights_sha256, "fp32")[0] != base
 
 
-def test_two_fingerprints_live_side_by_side(imagenet_dir, tmp_path, lite0, lite0_embedder):
+def test_two_fingerprints_live_side_by_side(imagenet_dir, imagenet_cache, tmp_path, lite0, lite0_embedder):
     cache = tmp_path / "c"
-    run(imagenet_dir, cache, lite0_embedder)
+    shutil.copytree(imagenet_cache, cache)  # the fp32 run of imagenet_dir, as run() above would write it
     bf16 = Embedder(lite0, ["final"], "cpu", "bf16")
-    run(imagenet_dir, cache, bf16, taps=["final"])
+    # bf16 on 8 of the photos (one CPU batch): without native bf16 (AVX2 only) each image costs seconds
+    some = Listing(list_source(imagenet_dir).items[:8])
+    Extraction(ExtractConfig(str(imagenet_dir), str(cache), taps=["final"], progress=False), bf16).run(some)
     c = FeatureCache(cache)
     assert sorted(c.fingerprints()) == sorted([lite0_embedder.fingerprint, bf16.fingerprint])
     a, b = c.read(lite0_embedder.fingerprint), c.read(bf16.fingerprint)
-    cos = (a.vectors * b.vectors).sum(1) / np.linalg.norm(a.vectors, axis=1) / np.linalg.norm(b.vectors, axis=1)
-    assert cos.min() > 0.99 and not np.array_equal(a.vectors, b.vectors)
+    assert len(a) == 20 and sorted(b.keys.tolist()) == sorted(it.key for it in some.items)
+    a_vectors = a.vectors[[a.keys.tolist().index(k) for k in b.keys.tolist()]]
+    cos = (a_vectors * b.vectors).sum(1) / np.linalg.norm(a_vectors, axis=1) / np.linalg.norm(b.vectors, axis=1)
+    assert cos.min() > 0.99 and not np.array_equal(a_vectors, b.vectors)
 
 
-def test_new_tap_is_added_for_existing_rows(imagenet_dir, tmp_path, lite0, lite0_embedder):
+def test_new_tap_is_added_for_existing_rows(imagenet_dir, imagenet_cache, tmp_path, lite0):
     cache = tmp_path / "c"
-    run(imagenet_dir, cache, lite0_embedder)
+    shutil.copytree(imagenet_cache, cache)  # the final tap of imagenet_dir's 20 photos
     summary = run(imagenet_dir, cache, Embedder(lite0, ["final", "stage3"], "cpu"))
     assert summary["taps"] == ["final", "stage3"]
     c = FeatureCache(cache)
@@ -143,9 +148,8 @@ def test_new_tap_is_added_for_existing_rows(imagenet_dir, tmp_path, lite0, lite0
     assert len(c.read(tap="final")) == 20
 
 
-def test_zarr_layout_is_readable_without_featcache(imagenet_dir, tmp_path, lite0_embedder):
-    cache = tmp_path / "c"
-    run(imagenet_dir, cache, lite0_embedder)
+def test_zarr_layout_is_readable_without_featcache(imagenet_cache):
+    cache = imagenet_cache  # read only
     root = zarr.open_group(str(cache), mode="r")
     fp = list(root["features"].group_keys())[0]
     g = root["features"][fp]
@@ -158,11 +162,10 @@ def test_zarr_layout_is_readable_without_featcache(imagenet_dir, tmp_path, lite0
     assert list(keys) == list(ours.keys)
 
 
-def test_export_npy_and_parquet(imagenet_dir, tmp_path, lite0_embedder):
+def test_export_npy_and_parquet(imagenet_cache, tmp_path):
     import pyarrow.parquet as pq
 
-    cache = tmp_path / "c"
-    run(imagenet_dir, cache, lite0_embedder)
+    cache = imagenet_cache  # read only: export writes under tmp_path
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
     out = subprocess.run([*CLI, "export", "--cache", str(cache), "--format", "npy", "--out", str(tmp_path / "npy"), "--json"],
                          capture_output=True, text=True, env=env, check=True)
@@ -193,8 +196,10 @@ def test_cli_errors_are_clear(tmp_path):
 def test_sigkill_then_resume_equals_uninterrupted(tux_csv, tmp_path, tux_cache):
     """Kill a real extraction mid-run; the rerun completes with every image exactly once."""
     cache = tmp_path / "killed"
+    csv = tmp_path / "half.csv"  # half the stamps (119): the resume then has about 70 images left, not 200
+    n = per_class_csv(tux_csv, csv, 18)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
-    cmd = [*CLI, "extract", str(tux_csv), "--cache", str(cache), "--batch-size", "4", "--commit-every", "8", "-q", "--json"]
+    cmd = [*CLI, "extract", str(csv), "--cache", str(cache), "--batch-size", "4", "--commit-every", "8", "-q", "--json"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     committed = 0
@@ -208,26 +213,26 @@ def test_sigkill_then_resume_equals_uninterrupted(tux_csv, tmp_path, tux_cache):
             committed = 0
         if committed >= 40:
             break
+    assert proc.poll() is None, "the extraction finished before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert 40 <= committed < 240, f"kill landed at {committed} rows"
+    assert 40 <= committed < n, f"kill landed at {committed} rows"
     resumed = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
     summary = json.loads(resumed.stdout)
-    assert summary["already_cached"] >= committed and summary["already_cached"] + summary["extracted"] == 240
+    assert summary["already_cached"] >= committed and summary["already_cached"] + summary["extracted"] == n
 
     got, want = FeatureCache(cache).read(include_failed=True), FeatureCache(tux_cache).read(include_failed=True)
-    assert len(got) == len(want) == 240
-    assert len(set(got.sha256.tolist())) == 240, "every image stored exactly once"
+    assert len(got) == n and len(want) == 240
+    assert len(set(got.sha256.tolist())) == n, "every image stored exactly once"
     order = {s: i for i, s in enumerate(want.sha256)}
     idx = np.array([order[s] for s in got.sha256])
     np.testing.assert_allclose(got.vectors, want.vectors[idx], rtol=0, atol=1e-4)
 
 
-def test_process_decoding_gives_the_same_vectors(imagenet_dir, tmp_path, lite0_embedder):
+def test_process_decoding_gives_the_same_vectors(imagenet_dir, imagenet_cache, tmp_path, lite0_embedder):
     """The GPU path decodes in worker processes; it must produce the same pixels as threads."""
-    run(imagenet_dir, tmp_path / "threads", lite0_embedder)
     run(imagenet_dir, tmp_path / "procs", lite0_embedder, decode_processes=True, workers=2)
-    a, b = FeatureCache(tmp_path / "threads").read(), FeatureCache(tmp_path / "procs").read()
+    a, b = FeatureCache(imagenet_cache).read(), FeatureCache(tmp_path / "procs").read()  # imagenet_cache: threads
     np.testing.assert_array_equal(a.sha256, b.sha256)
     np.testing.assert_allclose(a.vectors, b.vectors, rtol=0, atol=1e-5)
 

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from featcache.extract.backbone import Backbone
-from featcache.extract.embedder import Embedder
 from featcache.extract.pipeline import ExtractConfig, Extraction
-from featcache.extract.registry import resolve
 from featcache.store.cache import FeatureCache
 
 
-def test_two_backbones_in_one_run_equal_two_single_runs(imagenet_dir, tmp_path, lite0_embedder):
-    mnv2 = Embedder(Backbone.load(resolve("mobilenet_v2")), ["final"], "cpu", "fp32")
+def test_two_backbones_in_one_run_equal_two_single_runs(imagenet_dir, tmp_path, lite0_embedder, mnv2_embedder):
+    mnv2 = mnv2_embedder
     cfg = ExtractConfig(str(imagenet_dir), str(tmp_path / "both"), progress=False)
     both = Extraction(cfg, [lite0_embedder, mnv2]).run()
     assert [b["fingerprint"] for b in both["backbones"]] == [lite0_embedder.fingerprint, mnv2.fingerprint]

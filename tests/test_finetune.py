@@ -18,12 +18,20 @@ from featcache.extract.pipeline import ExtractConfig, Extraction
 from featcache.extract.registry import resolve
 from featcache.store.cache import FeatureCache
 
+from .tux import per_class_csv
+
 
 @pytest.fixture(scope="module")
-def ft_cache(tux_cache, tmp_path_factory):
-    """A copy of the Tux Paint cache with the stage4 activations (the stage5 cut) cached once."""
-    cache = tmp_path_factory.mktemp("ft") / "cache"
-    shutil.copytree(tux_cache, cache)
+def ft_cache(tux_csv, lite0_embedder, tmp_path_factory):
+    """8 Tux Paint stamps per class (56) through Lite0, with the stage4 activations (the stage5 cut) cached once.
+
+    The fine-tunes here train on 32 images (``max_train``) and the prefix checks compare 6; each prefix
+    pass (one per cut) costs a forward pass per cached image, so the 240 of ``tux_cache`` would only add time.
+    """
+    root = tmp_path_factory.mktemp("ft")
+    cache = root / "cache"
+    per_class_csv(tux_csv, root / "stamps.csv", 8)
+    Extraction(ExtractConfig(str(root / "stamps.csv"), str(cache), progress=False), lite0_embedder).run()
     ft = Finetuner(FinetuneConfig(cache=str(cache), out="unused", unfreeze_from="stage5", progress=False))
     ft.cached_prefix(ft.prefix_embedder())
     return cache
@@ -124,7 +132,8 @@ def test_mixup_and_label_smoothing_train_on_cached_activations(ft_cache, tmp_pat
 
 
 def test_finetuned_backbone_goes_through_extract_train_and_serve(tuned, tux_csv, tmp_path):
-    """The tuned backbone directory, used by `featcache extract`, `featcache train` and `featcache serve`."""
+    """The tuned backbone directory, used by `featcache extract`, `featcache train` and `featcache serve`
+    (on 6 stamps per class: enough for 2-fold cross-validation)."""
     import httpx
 
     from featcache.cli import main
@@ -134,11 +143,12 @@ def test_finetuned_backbone_goes_through_extract_train_and_serve(tuned, tux_csv,
     from .live import LiveServer
 
     _, result = tuned
-    cache, head = tmp_path / "c", tmp_path / "head"
-    assert main(["extract", str(tux_csv), "--cache", str(cache), "--backbone", result["backbone_dir"], "-q"]) == 0
+    cache, head, stamps = tmp_path / "c", tmp_path / "head", tmp_path / "stamps.csv"
+    per_class_csv(tux_csv, stamps, 6)
+    assert main(["extract", str(stamps), "--cache", str(cache), "--backbone", result["backbone_dir"], "-q"]) == 0
     assert main(["train", "--cache", str(cache), "--out", str(head), "--cv", "2", "--json"]) == 0
     fp = FeatureCache(cache).resolve_fingerprint()
-    image = Path(tux_csv.read_text().splitlines()[1].split(",")[0]).read_bytes()
+    image = Path(stamps.read_text().splitlines()[1].split(",")[0]).read_bytes()
     with LiveServer(create_app(ServiceConfig(cache=str(cache), heads={"tux": str(head)}, device="cpu"))) as srv:
         r = httpx.post(srv.url + "/v1/classify", files={"image": ("stamp.png", image, "image/png")}, timeout=60)
     assert r.status_code == 200, r.text

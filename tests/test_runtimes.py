@@ -19,7 +19,7 @@ from featcache.extract.decode import load_image
 from featcache.extract.embedder import Embedder, embedder_for
 from featcache.extract.pipeline import ExtractConfig, Extraction
 from featcache.extract.runtimes import choice
-from featcache.extract.runtimes.calibration import Calibration
+from featcache.extract.runtimes.calibration import MIN_CALIBRATION_IMAGES, Calibration
 from featcache.extract.spec import fingerprint
 from featcache.store.cache import FeatureCache
 
@@ -57,6 +57,23 @@ def tux_calibration():
     return Calibration.from_files([p for p, _ in items], [str(p) for p, _ in items], source="tux")
 
 
+@pytest.fixture(scope="module")
+def int8_calibration():
+    """What the tests that quantise calibrate on: 64 of the stamps (the fewest ``auto`` calibrates int8 on).
+
+    NNCF's statistics pass costs about a tenth of a second per image here, so all 240 would cost ~20 s
+    more per quantisation and check nothing more; one model serves both tests (same fingerprint and taps).
+    """
+    items = tuxpaint_items()
+    return Calibration.from_files([p for p, _ in items], [str(p) for p, _ in items], MIN_CALIBRATION_IMAGES, "tux")
+
+
+@pytest.fixture(scope="module")
+def gate(model_cache, lite0, int8_calibration):
+    """The gate measured once into this module's model cache (short timings); the tests that read it ask for it."""
+    return choice.measure(lite0, seconds=0.3, rounds=1, calibration=int8_calibration)
+
+
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
 
@@ -87,21 +104,22 @@ def test_fingerprints_keep_old_caches_and_split_what_differs(lite0, tux_calibrat
     assert Embedder(lite0, ["final"], "cpu", "int8", runtime="openvino", calibration=other).fingerprint != int8.fingerprint
 
 
-def test_int8_embeds_close_to_fp32_and_refuses_what_it_cannot_do(lite0, photos, reference, tux_calibration):
-    int8 = Embedder(lite0, ["final", "stage3"], "cpu", "int8", runtime="openvino", calibration=tux_calibration)
+def test_int8_embeds_close_to_fp32_and_refuses_what_it_cannot_do(lite0, photos, reference, int8_calibration):
+    int8 = Embedder(lite0, ["final", "stage3"], "cpu", "int8", runtime="openvino", calibration=int8_calibration)
+    assert len(int8.calibration) == MIN_CALIBRATION_IMAGES
     out = int8.embed(photos[0])
     assert cosines(out["final"], reference["final"]).min() > 0.99
     assert set(out) == {"final", "stage3"}
     with pytest.raises(UsageError, match="int8"):
-        Embedder(lite0, ["final"], "cpu", "int8", runtime="torch", calibration=tux_calibration)
+        Embedder(lite0, ["final"], "cpu", "int8", runtime="torch", calibration=int8_calibration)
     with pytest.raises(UsageError, match="calibrate"):
         Embedder(lite0, ["final"], "cpu", "int8", runtime="openvino")
     with pytest.raises(UsageError, match="pooled"):
-        Embedder(lite0, ["raw:stage2"], "cpu", "int8", runtime="openvino", calibration=tux_calibration)
+        Embedder(lite0, ["raw:stage2"], "cpu", "int8", runtime="openvino", calibration=int8_calibration)
 
 
-def test_gate_records_figures_and_auto_reads_the_choice(lite0, tux_calibration):
-    entry = choice.measure(lite0, seconds=0.3, rounds=1, calibration=tux_calibration)
+def test_gate_records_figures_and_auto_reads_the_choice(lite0, gate):
+    entry = gate
     rows = {(r["runtime"], r["precision"]): r for r in entry["rows"]}
     assert rows["torch", "fp32"]["min_cosine"] == pytest.approx(1.0) and rows["torch", "fp32"]["passes"]
     assert rows["openvino", "fp32"]["passes"] and rows["openvino", "fp32"]["min_cosine"] > 0.99999
@@ -124,7 +142,7 @@ def test_gate_records_figures_and_auto_reads_the_choice(lite0, tux_calibration):
     assert emb.runtime == max(fp32_rows, key=lambda r: r["images_per_second"])["runtime"]
 
 
-def test_cli_backbones_shows_the_recorded_choice_without_torch(model_cache):
+def test_cli_backbones_shows_the_recorded_choice_without_torch(model_cache, gate):
     code = ("import sys, json, io, contextlib\nfrom featcache.cli import main\nbuf = io.StringIO()\n"
             "with contextlib.redirect_stdout(buf): rc = main(['backbones', '--json'])\n"
             "print(json.dumps({'rc': rc, 'torch': 'torch' in sys.modules, 'out': json.loads(buf.getvalue())}))")
@@ -133,7 +151,7 @@ def test_cli_backbones_shows_the_recorded_choice_without_torch(model_cache):
                                     check=True).stdout)
     assert res["rc"] == 0 and not res["torch"]
     lite = next(b for b in res["out"]["backbones"] if b["name"] == "efficientnet_lite0")
-    assert lite["auto"] is not None  # measured by the gate test above (same model cache)
+    assert lite["auto"] is not None  # the gate's record (same model cache)
     for argv in (["--help"], ["info", "--cache", str(model_cache / "no-cache")]):
         probe = f"import sys\nfrom featcache.cli import main\ntry: main({argv!r})\nexcept SystemExit: pass\nprint('torch' in sys.modules)"
         out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env).stdout

@@ -146,10 +146,9 @@ def test_parity_with_the_batch_extractor(client, imagenet_cache, files):
     assert min(_cosines_to_cache(client, imagenet_cache, files)) >= 0.9999
 
 
-def test_cpu_default_runs_one_pass_per_core_with_parity(imagenet_cache, files, capsys):
+def test_cpu_default_runs_one_pass_per_core_with_parity(open_server, imagenet_cache, files, capsys):
     """The CPU default: no micro-batching, one single-threaded forward pass per core, side by side."""
-    with LiveServer(create_app(ServiceConfig(cache=str(imagenet_cache), device="cpu"))) as srv, \
-            httpx.Client(base_url=srv.url, timeout=60) as c:
+    with httpx.Client(base_url=open_server.url, timeout=60) as c:
         batching = c.get("/v1/info").json()["batching"]
         assert batching["enabled"] is False and batching["workers"] == available_cpus()
         assert min(_cosines_to_cache(c, imagenet_cache, files, clients=8)) >= 0.9999
