@@ -658,6 +658,7 @@ interval on a few dozen test rows is wide: a pass "within the interval" is a wea
                  f"images took {t['wall_seconds']:.0f} s end to end (budget {t['budget']:g} s; skipped: "
                  f"{', '.join(t['skipped']) or 'nothing'}). Target: ≤ {t['target_seconds']:.0f} s on "
                  f"{t['target_images']:,} images: {verdict(t['met'])}.\n")
+    return text
 
 
 # -- issue 13 --------------------------------------------------------------------------------------
@@ -794,7 +795,11 @@ SECTIONS = (section_extraction, section_search, section_heads, section_finetune,
 
 def render(folder: Path = RESULTS) -> str:
     res = Results(folder)
-    parts = [HEADER] + [s for s in (section(res) for section in SECTIONS) if s]
+    texts = [section(res) for section in SECTIONS]
+    broken = [section.__name__ for section, text in zip(SECTIONS, texts) if not isinstance(text, str)]
+    if broken:  # a section returns "" when its results are missing; anything else is a bug, never a silent gap
+        raise TypeError(f"{', '.join(broken)} returned no text")
+    parts = [HEADER] + [t for t in texts if t]
     return "\n".join(p.rstrip("\n") + "\n" for p in parts)
 
 
