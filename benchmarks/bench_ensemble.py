@@ -18,8 +18,10 @@ A set named ``fmnist-full`` (the 60,000 train images cached with several backbon
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
+from pathlib import Path
 
 from record import RESULTS, save
 
@@ -65,17 +67,25 @@ def main() -> int:
     p.add_argument("--cv", type=int, default=5, help="folds, for a set given without a test source")
     p.add_argument("--tap", default="final")
     p.add_argument("--out", default=str(RESULTS / "ensemble.json"))
+    p.add_argument("--keep-others", action="store_true",
+                   help="keep the sets of --out that this run does not measure (each keeps its own command)")
     a = p.parse_args()
     if any(len(s) not in (2, 3) for s in a.set):
         p.error("--set takes NAME CACHE [TEST_SOURCE]")
+    command = " ".join(["python", *sys.argv])
     sets = []
     for name, cache, *test in a.set:
-        r = measure(name, cache, test[0] if test else None, a.head, a.cv, a.tap)
+        r = {**measure(name, cache, test[0] if test else None, a.head, a.cv, a.tap), "command": command}
         sets.append(r)
         line = ", ".join(f"{s['backbone']} {s['accuracy']:.4f}" for s in r["singles"])
         print(f"{name}: {line}; ensemble {r['ensemble']['accuracy']:.4f} (weights {r['ensemble']['weights']}); "
               f"gain over best single {r['gain_over_best_single']:+.4f} ({r['seconds']} s)", flush=True)
-    doc = {"command": " ".join(["python", *sys.argv]), "sets": sets,
+    if a.keep_others and Path(a.out).is_file():
+        before = json.loads(Path(a.out).read_text())
+        measured = {r["name"] for r in sets}
+        sets = [{**r, "command": r.get("command", before["command"])} for r in before["sets"]
+                if r["name"] not in measured] + sets
+    doc = {"command": command, "sets": sets,
            "machine": {"cpu": cpu_model(), "cpus": available_cpus()},
            "versions": library_versions()}
     print(f"wrote {save(doc, a.out)}")

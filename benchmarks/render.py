@@ -730,7 +730,7 @@ def section_ensemble(res: Results) -> str:
 
     text = f"""## Ensembles across backbones (issue 15)
 
-`{r['command']}` (raw: `benchmarks/results/ensemble.json`), {r['machine']['cpu']}, {r['machine']['cpus']} CPUs. Each
+{listing(sorted({f"`{x.get('command', r['command'])}`" for x in r['sets']}))} (raw: `benchmarks/results/ensemble.json`), {r['machine']['cpu']}, {r['machine']['cpus']} CPUs. Each
 set: every backbone alone and the ensemble over all of them, one head kind, on the same rows (images every backbone
 holds) and the same held-out rows; the ensemble's weights come from validation folds inside its training rows.
 
@@ -753,6 +753,11 @@ holds) and the same held-out rows; the ensemble's weights come from validation f
              "frozen features: " + (f"{verdict(full[0]['ensemble']['accuracy'] >= fmnist_target)} "
                                     f"({acc(full[0]['ensemble']['accuracy'])}).\n" if full else
                                     "not measured (only the subsets above are cached with several backbones).\n"))
+    if full:
+        text += ("\nfmnist-full's cache: the 70,000 Fashion-MNIST PNGs written by `featcache.datasets.write_fashion_mnist` "
+                 "(folders `train/` and `test/`), then `featcache extract DIR/train --cache DIR/cache --backbone "
+                 "efficientnet_lite0 mobilenet_v2` and the same for `DIR/test` (each image decoded once, embedded by "
+                 "both; `auto` chose OpenVINO fp32 for both: int8 calibrated on these images fails the accuracy gate).\n")
     return text
 
 
