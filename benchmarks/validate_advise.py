@@ -42,7 +42,7 @@ from featcache.datasets import tuxpaint_items, write_fashion_mnist
 from featcache.extract.pipeline import ExtractConfig, extract
 
 sys.path.insert(0, str(Path(__file__).parent))
-from record import RESULTS, save  # noqa: E402
+from record import RESULTS, portable, save  # noqa: E402
 
 GAP = 0.01  # the target: the recommendation within 1 point of the best strategy (or within that figure's interval)
 SECONDS_10K = 120.0  # ... and advise within 2 minutes on 10,000 cached images
@@ -206,7 +206,7 @@ def _reusable(old: dict | None, name: str, baseline, ctx, ft_folds: int | None) 
         return None
     ref = old["reference"]
     base, fig = ref.get("logreg@final", {}), ref.get(name, {})
-    same = (old["evaluation"]["flags"] == ctx.split.flags and old["evaluation"]["test_rows"] == len(ctx.split.test_rows)
+    same = (old["evaluation"]["flags"] == portable(ctx.split.flags) and old["evaluation"]["test_rows"] == len(ctx.split.test_rows)
             and old["images"] == len(ctx.base) and base.get("test_rows") == len(baseline.rows)
             and abs(base.get("accuracy", -1) - baseline.accuracy) < 1e-12 and base.get("train_rows") == baseline.train_rows)
     folds = ctx.split.folds[: ft_folds or len(ctx.split.folds)]

@@ -130,17 +130,18 @@ def test_plan_gives_up_epochs_then_training_images_then_test_images():
     assert plan(400, 0.0, 1.0, 1.0, 500, 400, 100, 10) == (106, TEST_MIN, MIN_EPOCHS)
 
 
-def _measured(name: str, accuracy: float) -> dict:
-    return {"name": name, "status": "measured", "accuracy": accuracy}
+def _measured(name: str, accuracy: float, clearly_better: bool = False) -> dict:
+    return {"name": name, "status": "measured", "accuracy": accuracy, "clearly_better": clearly_better}
 
 
 def test_the_fine_tune_the_probes_point_to_goes_first():
     tunes = finetune_probe.finetune_candidates(None, "late", "new top")
     base = _measured(BASELINE, 0.83)
-    order, why = advise_module.finetune_order(tunes, [_measured("logreg@stage4", 0.90)], base)
+    order, why = advise_module.finetune_order(tunes, [_measured("logreg@stage4", 0.90, True)], base)
     assert [c.name for c in order] == ["new-top@last-stage", "finetune@last-block"] and "stage4" in why["why"]
-    order, why = advise_module.finetune_order(tunes, [_measured("logreg@stage4", 0.80)], base)
-    assert [c.name for c in order] == ["finetune@last-block", "new-top@last-stage"]
+    for slightly in (_measured("logreg@stage4", 0.80), _measured("logreg@stage2", 0.84)):  # above, within noise
+        order, why = advise_module.finetune_order(tunes, [slightly], base)
+        assert [c.name for c in order] == ["finetune@last-block", "new-top@last-stage"]
     order, _ = advise_module.finetune_order(tunes, [], base)
     assert order[0].name == "finetune@last-block"
 

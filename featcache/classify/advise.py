@@ -67,6 +67,7 @@ LOW = 0.9  # ... and the best accuracy is below this: "collect more data" leads 
 MIN_PER_CLASS = 10  # fewer in the smallest class: every figure is shaky, and advise says so
 FT_SHARE = 0.6  # of the budget kept for the fine-tunes: the optional heads (mlp, concat) only run beyond it
 FIRST_FT_SHARE = 0.7  # of the time left, for the fine-tune the evidence puts first (the other gets the rest)
+END_MARGIN = 6.0  # seconds of the budget kept back: the command's start (imports) and its report count too
 SIMILARITY_SAMPLE = 2000
 SIMILARITY_SECONDS = 3.0  # per backbone: load it, apply its ImageNet classifier
 
@@ -170,18 +171,19 @@ def candidates(ctx: Context, finetune: bool = True) -> list[Candidate]:
 def finetune_order(tunes: list[Candidate], rows: list[dict], base_row: dict) -> tuple[list[Candidate], dict]:
     """The fine-tunes, the one the probes point to first (it plans with the larger share of the time left).
 
-    An earlier tap that beat the final one says the last layers are too ImageNet-specific for the data: new top
-    layers on an earlier cut first. Otherwise the final features are the best frozen ones: the last block first.
+    An earlier tap that clearly beat the final one (the paired interval above zero) says the last layers are too
+    ImageNet-specific for the data: new top layers on an earlier cut first. Otherwise the final features are as
+    good as any frozen ones: the last block first.
     """
     early = [r for r in rows if r["status"] == "measured" and r["name"].startswith("logreg@stage")]
     best = max(early, key=lambda r: r["accuracy"], default=None)
-    if best is not None and best["accuracy"] > base_row["accuracy"]:
+    if best is not None and best["clearly_better"]:
         first = [c for c in tunes if c.config.new_top]
-        why = (f"{best['name']} ({best['accuracy']:.3f}) beat the final tap ({base_row['accuracy']:.3f}): "
+        why = (f"{best['name']} ({best['accuracy']:.3f}) clearly beat the final tap ({base_row['accuracy']:.3f}): "
                "new top layers on an earlier cut first")
     else:
         first = [c for c in tunes if not c.config.new_top]
-        why = ("no earlier tap beat the final one" if best is not None else "no earlier tap was measured") + \
+        why = ("no earlier tap clearly beat the final one" if best is not None else "no earlier tap was measured") + \
             ": the last block first"
     ordered = first + [c for c in tunes if c not in first]
     return ordered, {"order": [c.name for c in ordered], "why": why}
@@ -284,7 +286,8 @@ def prepare(cache_dir: str, fingerprint: str | None = None, budget: float = 120.
     base, total = labelled_rows(cache, fp, max_rows, seed)
     split = shared_split(base, seed, test_source)
     several = len(cache.fingerprints()) > 1
-    ctx = Context(cache, shlex.quote(str(cache_dir)), fp, attrs, base, split, seed, t0 + budget,
+    ctx = Context(cache, shlex.quote(str(cache_dir)), fp, attrs, base, split, seed,
+                  t0 + budget - min(END_MARGIN, 0.05 * budget),
                   fingerprint_flag=f" --fingerprint {fp[:12]}" if several else "")
     baseline = head_outcome(base.X, base.y, split.folds, "logreg", seed)
     ctx.seconds_per_dim = (baseline.steady_seconds or baseline.seconds) / base.X.shape[1]
