@@ -614,11 +614,14 @@ def section_advise(res: Results) -> str:
         c = r["config"]
         text += f"""
 `python benchmarks/validate_advise.py --work {c['work']} --sets {' '.join(c['sets'])} --max-rows {c['max_rows']}
---budget {c['budget']:g}{f" --ft-folds {c['ft_folds']}" if c['ft_folds'] else ''}` (raw: `benchmarks/results/advise.json`; {r['cpus']} CPUs,
+--budget {c['budget']:g}{f" --ft-folds {c['ft_folds']}" if c['ft_folds'] else ''}{
+            f" --reuse-reference {c['reuse_reference']}" if c.get('reuse_reference') else ''}` (raw: `benchmarks/results/advise.json`; {r['cpus']} CPUs,
 shared with other work, so advise's wall-clock budget bought less than on a quiet machine). For each set advise ran
 with `--budget {c['budget']:g}`; then every strategy it could have recommended was measured on the very split it used:
 heads as advise measured them, fine-tunes in full (every training row of {'the first fold' if c['ft_folds'] == 1
-else 'each fold'}, not advise's subset). Target: the recommendation within {100 * r['target_gap']:g} point of the
+else 'each fold'}, not advise's subset{
+            "; with --reuse-reference, a fine-tune an earlier run measured in full on the same split is reused" if
+            c.get('reuse_reference') else ''}). Target: the recommendation within {100 * r['target_gap']:g} point of the
 best strategy, or within that figure's 95 % interval; compared on the rows both were scored on (a fine-tune's
 interval on a few dozen test rows is wide: a pass "within the interval" is a weak one).
 
@@ -644,11 +647,17 @@ interval on a few dozen test rows is wide: a pass "within the interval" is a wea
                 shown = f"**{name}**" if name == s["advise"]["recommendation"]["name"] else (
                     name if f["recommendable"] else f"_{name}_")
                 a = seen.get(name, {})
-                there = (f"{a['accuracy']:.3f} on {a['test_rows']} / {a['train_rows']} rows" if a.get("status") ==
-                         "measured" else f"skipped: {a.get('why')}")
+                m = a.get("measured_with") or {}
+                epochs = f", {m['epochs']} of {m['full_epochs']} epochs" if m.get("epochs", 0) < m.get("full_epochs", 0) \
+                    else ""
+                there = (f"{a['accuracy']:.3f} on {a['test_rows']} / {a['train_rows']} rows{epochs}" if a.get("status")
+                         == "measured" else f"skipped: {a.get('why')}")
                 text += (f"| {shown} | {f['accuracy']:.3f} | {f['interval'][0]:.3f}-{f['interval'][1]:.3f} | "
                          f"{f['test_rows']} | {f['train_rows']} | {there} |\n")
             text += "\nadvise's reasons: " + "; ".join(s["advise"]["why"]) + ".\n"
+            if s["advise"].get("finetune_order", {}).get("order"):
+                o = s["advise"]["finetune_order"]
+                text += f"Fine-tunes in the order {', '.join(o['order'])}: {o['why']}.\n"
         text += f"\nEvery set: {verdict(all(s['verdict']['met'] for s in r['sets']))}.\n"
     if t is None:
         text += ("\nThe target of <= 2 minutes on 10,000 cached images is measured by `python benchmarks/validate_advise.py "

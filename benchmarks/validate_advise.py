@@ -42,7 +42,7 @@ from featcache.datasets import tuxpaint_items, write_fashion_mnist
 from featcache.extract.pipeline import ExtractConfig, extract
 
 sys.path.insert(0, str(Path(__file__).parent))
-from record import RESULTS, save  # noqa: E402
+from record import RESULTS, portable, save  # noqa: E402
 
 GAP = 0.01  # the target: the recommendation within 1 point of the best strategy (or within that figure's interval)
 SECONDS_10K = 120.0  # ... and advise within 2 minutes on 10,000 cached images
@@ -174,19 +174,54 @@ KINDS = {
 }
 
 
-def _figure(out, recommendable: bool, source: str) -> dict:
+def _figure(out, recommendable: bool, source: str, per_row: bool = False) -> dict:
     from featcache.classify.measure import wilson
 
-    return {"accuracy": out.accuracy, "interval": wilson(int(out.correct.sum()), len(out.correct)),
-            "test_rows": int(len(out.rows)), "train_rows": out.train_rows, "seconds": round(out.seconds, 1),
-            "recommendable": recommendable, "source": source}
+    fig = {"accuracy": out.accuracy, "interval": wilson(int(round(out.accuracy * len(out.rows))), len(out.rows)),
+           "test_rows": int(len(out.rows)), "train_rows": out.train_rows, "seconds": round(out.seconds, 1),
+           "recommendable": recommendable, "source": source}
+    if per_row and out.correct is not None:  # what --reuse-reference needs to compare row by row later
+        fig["per_row"] = {"rows": [int(r) for r in out.rows], "correct": "".join("1" if c else "0" for c in out.correct)}
+    return fig
+
+
+class Figure:
+    """A fine-tune measured in full by an earlier run (``--reuse-reference``): its rows, its figure, and its
+    per-row correctness when that run recorded it (``correct`` None: only the figure is known)."""
+
+    def __init__(self, fig: dict, rows: np.ndarray):
+        per = fig.get("per_row")
+        self.rows = np.asarray(per["rows"]) if per else rows
+        self.correct = np.asarray([c == "1" for c in per["correct"]]) if per else None
+        self.accuracy, self.train_rows, self.seconds = fig["accuracy"], fig["train_rows"], 0.0
+
+    def on(self, rows: np.ndarray) -> np.ndarray:
+        pos = {int(r): i for i, r in enumerate(self.rows)}
+        return self.correct[[pos[int(r)] for r in rows]]
+
+
+def _reusable(old: dict | None, name: str, baseline, ctx, ft_folds: int | None) -> dict | None:
+    """The earlier run's in-full figure of fine-tune ``name``, if that run used the very same split."""
+    if not old or old["config"].get("ft_folds") != ft_folds:
+        return None
+    ref = old["reference"]
+    base, fig = ref.get("logreg@final", {}), ref.get(name, {})
+    same = (old["evaluation"]["flags"] == portable(ctx.split.flags) and old["evaluation"]["test_rows"] == len(ctx.split.test_rows)
+            and old["images"] == len(ctx.base) and base.get("test_rows") == len(baseline.rows)
+            and abs(base.get("accuracy", -1) - baseline.accuracy) < 1e-12 and base.get("train_rows") == baseline.train_rows)
+    folds = ctx.split.folds[: ft_folds or len(ctx.split.folds)]
+    rows = np.concatenate([te for _, te in folds])
+    ok = same and fig.get("source", "").startswith("in full") and fig.get("test_rows") == len(rows)
+    return fig if ok else None
 
 
 def reference(cache: Path, test_source: str | None, seed: int, max_rows: int, ft_folds: int | None,
-              measured: dict) -> tuple[dict, dict]:
+              measured: dict, old: dict | None = None) -> tuple[dict, dict]:
     """Every strategy advise could recommend, measured in full on advise's split: (figures, outcomes).
 
     ``measured``: advise's own outcomes; a head it measured is the same fit on the same folds, so it is reused.
+    ``old``: this set's entry of an earlier run; its fine-tunes in full are reused when its split was this one
+    (same flags, rows, and the same baseline figure on the same rows).
     """
     from featcache.classify.advise import BASELINE, candidates, prepare
     from featcache.classify.finetune_probe import measure_in_full
@@ -196,6 +231,14 @@ def reference(cache: Path, test_source: str | None, seed: int, max_rows: int, ft
     figures = {BASELINE: _figure(baseline, True, "advise")}
     for cand in candidates(ctx):
         t = time.perf_counter()
+        if cand.config is not None and (fig := _reusable(old, cand.name, baseline, ctx, ft_folds)):
+            folds = ctx.split.folds[: ft_folds or len(ctx.split.folds)]
+            out = Figure(fig, np.concatenate([te for _, te in folds]))
+            source = fig["source"] if "earlier run" in fig["source"] else fig["source"] + ", reused from an earlier run"
+            figures[cand.name] = fig | {"source": source}
+            outcomes[cand.name] = out
+            print(f"  {cand.name:40} {out.accuracy:.4f} on {len(out.rows)} rows ({source})", flush=True)
+            continue
         if cand.config is not None:
             out, source = measure_in_full(ctx, cand.config, ft_folds), "in full"
         elif cand.name in measured:
@@ -203,16 +246,33 @@ def reference(cache: Path, test_source: str | None, seed: int, max_rows: int, ft
         else:
             out, source = cand.measure(ctx), "in full"
         outcomes[cand.name] = out
-        figures[cand.name] = _figure(out, cand.recommendable, source)
+        figures[cand.name] = _figure(out, cand.recommendable, source, per_row=cand.config is not None)
         print(f"  {cand.name:40} {out.accuracy:.4f} on {len(out.rows)} rows ({source}, "
               f"{time.perf_counter() - t:.0f}s)", flush=True)
     return figures, outcomes
 
 
-def _common(a, b) -> tuple:
-    """Correctness of outcomes ``a`` and ``b`` on the rows both were scored on (a fine-tune on fewer folds)."""
+def _compare(a, b, seed: int) -> tuple[dict, float, int, int]:
+    """(``a`` minus ``b`` on the rows both were scored on, b's accuracy there, a's right answers there, rows).
+
+    Row by row with a paired interval when both are known per row; a reused figure known only as a whole is
+    compared on its own rows (the other's accuracy on exactly those), without an interval.
+    """
+    from featcache.classify.measure import paired_difference
+
     rows = np.intersect1d(a.rows, b.rows)
-    return a.on(rows), b.on(rows)
+
+    def acc(o) -> float:
+        if o.correct is not None:
+            return float(o.on(rows).mean())
+        assert len(rows) == len(o.rows), "a figure without per-row results compares only on all of its rows"
+        return float(o.accuracy)
+
+    if a.correct is not None and b.correct is not None:
+        d = paired_difference(a.on(rows), b.on(rows), seed)
+    else:
+        d = {"difference": acc(a) - acc(b), "interval": None, "rows": int(len(rows))}
+    return d, acc(b), int(round(acc(a) * len(rows))), len(rows)
 
 
 def verdict(recommended: str, figures: dict, outcomes: dict, seed: int) -> dict:
@@ -220,24 +280,22 @@ def verdict(recommended: str, figures: dict, outcomes: dict, seed: int) -> dict:
 
     Strategies are compared on the rows both were scored on.
     """
-    from featcache.classify.measure import paired_difference, wilson
+    from featcache.classify.measure import wilson
 
     rec = outcomes[recommended]
-    gaps = {n: paired_difference(*_common(out, rec), seed) for n, out in outcomes.items()
-            if figures[n]["recommendable"] and n != recommended}
-    best = max(gaps, key=lambda n: gaps[n]["difference"], default=recommended)
-    if best == recommended or gaps[best]["difference"] <= 0:
+    gaps = {n: _compare(out, rec, seed) for n, out in outcomes.items() if figures[n]["recommendable"] and n != recommended}
+    best = max(gaps, key=lambda n: gaps[n][0]["difference"], default=recommended)
+    if best == recommended or gaps[best][0]["difference"] <= 0:
         return {"best": recommended, "gap": 0.0, "met": True, "within": "best"}
-    g = gaps[best]
-    best_same, rec_same = _common(outcomes[best], rec)
-    lo, _ = wilson(int(best_same.sum()), len(best_same))
-    within = "1 point" if g["difference"] <= GAP + 1e-9 else ("the best figure's interval" if rec_same.mean() >= lo else "no")
+    g, rec_acc, best_right, n = gaps[best]
+    lo, _ = wilson(best_right, n)
+    within = "1 point" if g["difference"] <= GAP + 1e-9 else ("the best figure's interval" if rec_acc >= lo else "no")
     return {"best": best, "gap": g["difference"], "gap_interval": g["interval"], "rows": g["rows"],
             "met": within != "no", "within": within}
 
 
 def run_set(name: str, work: Path, limit: int | None, budget: float, seed: int, max_rows: int,
-            ft_folds: int | None) -> dict:
+            ft_folds: int | None, old: dict | None = None) -> dict:
     from featcache.classify.advise import advise
 
     print(f"== {name}", flush=True)
@@ -253,13 +311,14 @@ def run_set(name: str, work: Path, limit: int | None, budget: float, seed: int, 
     rec = adv["recommendation"]
     print(f"  advise ({advise_seconds:.0f}s): {rec['name']} {rec['accuracy']:.4f}; skipped {adv['budget']['skipped']}",
           flush=True)
-    figures, outcomes = reference(cache, test_source, seed, max_rows, ft_folds, measured)
+    figures, outcomes = reference(cache, test_source, seed, max_rows, ft_folds, measured, old)
     keys = ("name", "status", "accuracy", "interval", "test_rows", "train_rows", "vs_frozen", "vs_baseline",
-            "clearly_better", "measured_worse", "why", "subset")
+            "clearly_better", "measured_worse", "why", "subset", "measured_with")
     return {"set": name, "kind": KINDS[name], "images": adv["data"]["labelled"],
             "subsampled_from": adv["data"]["subsampled_from"], "classes": adv["data"]["classes"],
             "evaluation": adv["evaluation"], "extract": {"images": ex["unique_images"], "seconds": round(extract_seconds, 1)},
             "advise": {"seconds": round(advise_seconds, 1), "budget": budget, "recommendation": rec, "why": adv["why"],
+                       "finetune_order": adv["finetune_order"], "kept_for_finetunes": adv["budget"]["kept_for_finetunes"],
                        "candidates": [{k: c.get(k) for k in keys} for c in adv["candidates"]],
                        "learning_curve": adv["learning_curve"], "imagenet_similarity": adv["imagenet_similarity"]},
             "reference": figures, "verdict": verdict(rec["name"], figures, outcomes, seed)}
@@ -300,6 +359,10 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timing", type=int, metavar="N", help="only time advise on N cached Fashion-MNIST images")
     ap.add_argument("--out", type=Path, help="default: benchmarks/results/advise.json (advise_timing.json)")
+    ap.add_argument("--reuse-reference", type=Path, metavar="JSON",
+                    help="an earlier run's results (advise.json): its fine-tunes measured in full are reused for every set "
+                         "whose split is the same (same flags, rows and baseline figure) with the same --ft-folds; the "
+                         "slow part of a run. A figure recorded without per-row results is compared as a whole")
     args = ap.parse_args()
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     if args.timing:
@@ -307,9 +370,15 @@ def main() -> None:
         save(r | {"config": config}, args.out or RESULTS / "advise_timing.json")
         print(json.dumps(r, indent=1))
         sys.exit(0 if r["met"] else 1)
+    earlier = {}
+    if args.reuse_reference:
+        prev = json.loads(args.reuse_reference.read_text())
+        earlier = {s["set"]: s | {"config": prev["config"]} for s in prev["sets"]
+                   if prev["config"].get("max_rows") == args.max_rows and prev["config"].get("seed") == args.seed}
     results = []
     for s in args.sets:  # saved after every set: a long run stopped half-way keeps what it measured
-        results.append(run_set(s, args.work, args.limit, args.budget, args.seed, args.max_rows, args.ft_folds))
+        results.append(run_set(s, args.work, args.limit, args.budget, args.seed, args.max_rows, args.ft_folds,
+                               earlier.get(s)))
         save({"config": config, "target_gap": GAP, "cpus": os.cpu_count(), "sets": results},
              args.out or RESULTS / "advise.json")
         v = results[-1]["verdict"]

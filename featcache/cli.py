@@ -443,9 +443,14 @@ def cmd_advise(args: argparse.Namespace) -> dict:
             cmp = "baseline" if c["name"] == r["baseline"]["name"] else \
                 f"{vs['difference']:+.3f} [{vs['interval'][0]:+.3f}, {vs['interval'][1]:+.3f}]"
             mark = " clearly better" if c["clearly_better"] else (" worse" if vs["interval"][1] < 0 else "")
-            rows = f" ({c['test_rows']} test rows, {c['train_rows']} trained on)" if c.get("subset") or \
+            m = c.get("measured_with")
+            epochs = f", {m['epochs']} of {m['full_epochs']} epochs" if m and m["epochs"] < m["full_epochs"] else ""
+            rows = f" ({c['test_rows']} test rows, {c['train_rows']} trained on{epochs})" if c.get("subset") or \
                 c["test_rows"] != ev["test_rows"] else ""
             lines.append(f"{c['name']:34} {c['accuracy']:8.3f} {interval(c['interval']):>16} {cmp:>25}{mark}{rows}")
+        if r["finetune_order"]["order"]:
+            lines.append(f"fine-tunes in this order: {', '.join(r['finetune_order']['order'])} "
+                         f"({r['finetune_order']['why']})")
         lc = r["learning_curve"]
         lines.append("learning curve (frozen logistic head): " + ", ".join(
             f"{p['train_rows']} -> {p['accuracy']:.3f}" for p in lc["points"]))

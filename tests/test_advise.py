@@ -10,8 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from featcache.classify.advise import BASELINE, Candidate, _recommend, _row, prepare
-from featcache.classify.finetune_probe import Cut, measure_in_full, measure_within_budget
+from featcache.classify import advise as advise_module
+from featcache.classify import finetune_probe
+from featcache.classify.advise import BASELINE, FIRST_FT_SHARE, FT_SHARE, Candidate, _recommend, _row, prepare
+from featcache.classify.finetune_probe import MIN_EPOCHS, TEST_MIN, Cut, measure_in_full, measure_within_budget, plan
 from featcache.classify.measure import Outcome, SharedSplit, paired_difference, wilson
 from featcache.cli import main
 from featcache.extract.pipeline import ExtractConfig, Extraction
@@ -66,12 +68,13 @@ def test_budget_skips_what_does_not_fit_and_says_why(tux_cache, capsys):
     assert skipped == {"mlp@final", "finetune@last-block", "new-top@last-stage"}  # everything after the baseline
     assert any(line.startswith("recommendation: logistic head on frozen final features") for line in lines)
     assert any(line.startswith("command: featcache train --cache") for line in lines)
-    assert "skipped: mlp@final, finetune@last-block, new-top@last-stage" in lines[-1]
+    assert "skipped: finetune@last-block, new-top@last-stage, mlp@final" in lines[-1]  # the MLP waited for them
     assert main(["advise", "--cache", str(tux_cache), "--budget", "0"]) == 2
 
 
-def test_short_finetune_within_budget_equals_the_full_run_when_everything_fits(tux_cache):
+def test_short_finetune_within_budget_equals_the_full_run_when_everything_fits(tux_cache, monkeypatch):
     """On a small split both paths train on the same rows: the same figure, per row."""
+    monkeypatch.setattr("featcache.classify.finetune.available_cpus", lambda: 1)  # the same threads: the same sums
     ctx, baseline, _ = prepare(str(tux_cache), budget=600)
     y = ctx.base.y
     rng = np.random.default_rng(0)
@@ -86,6 +89,88 @@ def test_short_finetune_within_budget_equals_the_full_run_when_everything_fits(t
     assert quick.details["unfreeze_from"] == "block16" and quick.details["cut"] == "raw:block15"
     assert quick.details["prefix_source"] == "images" and "--unfreeze-from block16 --epochs 2" in quick.details["command"]
     assert "subset" not in quick.details  # every row fitted: nothing to qualify
+    m = quick.details["measured_with"]
+    assert (m["epochs"], m["full_epochs"], m["train_images"], m["test_images"]) == (2, 2, 21, 7)
+    assert not m["batchnorm_recalibrated"]  # the full run: featcache finetune's own loop, unchanged
+
+
+def test_a_finetune_short_of_time_is_sized_down_not_skipped_and_says_what_it_ran(tux_cache, monkeypatch):
+    """Fewer epochs and images than the command: reported with the figure, compared on equal data."""
+    ctx, baseline, _ = prepare(str(tux_cache), budget=600)
+    y = ctx.base.y
+    rng = np.random.default_rng(0)
+    picks = [rng.permutation(np.flatnonzero(y == c))[:5] for c in np.unique(y)]  # 4 train + 1 test per class
+    train, test = np.sort(np.concatenate([p[:4] for p in picks])), np.sort(np.concatenate([p[4:] for p in picks]))
+    ctx.split = SharedSplit([(train, test)], "test-split", "")
+    seen = {}
+
+    def small(left, per_prefix, per_step, per_test, n_tr, n_te, floor, epochs):
+        seen.update(left=left, n_tr=n_tr, epochs=epochs)
+        return 14, n_te, 1  # 2 of the 4 training images per class, 1 epoch of 2
+    monkeypatch.setattr(finetune_probe, "plan", small)
+    out = measure_within_budget(ctx, Cut(new_top=False, epochs=2))
+    assert seen["n_tr"] == 28 and seen["epochs"] == 2 and 0 < seen["left"] < 600
+    m = out.details["measured_with"]
+    assert (m["epochs"], m["full_epochs"], m["train_images"], m["of_train_images"]) == (1, 2, 14, 28)
+    assert m["batchnorm_recalibrated"] and out.train_rows == 14 and len(out.rows) == 7
+    assert out.frozen is not None and len(out.frozen) == 7  # the frozen head trained on the same 14 images
+    assert "--epochs 2" in out.details["command"]  # the command is the full fine-tune, not the short one
+    assert "trained 1 epoch at most (the command: 2) on 14 of 28 training images" in out.details["subset"]
+
+
+def test_plan_gives_up_epochs_then_training_images_then_test_images():
+    # 1s per epoch and training image, no prefix or test cost (1.1x: the validation passes)
+    assert plan(1000, 0.0, 1.0, 0.0, 500, 400, 100, 10) == (303, 400, MIN_EPOCHS)  # images first, fewest epochs
+    assert plan(1000, 0.0, 1.0, 0.0, 120, 400, 100, 10) == (120, 400, 7)  # all images fit: then the most epochs
+    assert plan(1000, 0.0, 1.0, 0.0, 50, 400, 50, 10) == (50, 400, 10)  # all of a small fold at full length
+    assert plan(340, 0.0, 1.0, 0.0, 500, 400, 100, 10) == (103, 400, MIN_EPOCHS)
+    assert plan(300, 0.0, 1.0, 0.0, 500, 400, 100, 10) is None  # 100 images x 3 epochs x 1.1 do not fit
+    # test images cost time too: about 30 % of it, at least TEST_MIN; the fewest when only that fits
+    assert plan(500, 0.0, 1.0, 1.0, 500, 400, 100, 10) == (106, 150, MIN_EPOCHS)
+    assert plan(400, 0.0, 1.0, 1.0, 500, 400, 100, 10) == (106, TEST_MIN, MIN_EPOCHS)
+
+
+def _measured(name: str, accuracy: float, clearly_better: bool = False) -> dict:
+    return {"name": name, "status": "measured", "accuracy": accuracy, "clearly_better": clearly_better}
+
+
+def test_the_fine_tune_the_probes_point_to_goes_first():
+    tunes = finetune_probe.finetune_candidates(None, "late", "new top")
+    base = _measured(BASELINE, 0.83)
+    order, why = advise_module.finetune_order(tunes, [_measured("logreg@stage4", 0.90, True)], base)
+    assert [c.name for c in order] == ["new-top@last-stage", "finetune@last-block"] and "stage4" in why["why"]
+    for slightly in (_measured("logreg@stage4", 0.80), _measured("logreg@stage2", 0.84)):  # above, within noise
+        order, why = advise_module.finetune_order(tunes, [slightly], base)
+        assert [c.name for c in order] == ["finetune@last-block", "new-top@last-stage"]
+    order, _ = advise_module.finetune_order(tunes, [], base)
+    assert order[0].name == "finetune@last-block"
+
+
+def test_optional_heads_leave_the_fine_tunes_their_share(tux_cache, monkeypatch):
+    """The MLP (and concat) heads are skipped before they eat into the time kept for the fine-tunes."""
+    calls = []
+
+    def fake(name: str, cut: Cut | None, estimate: float, optional: bool = False) -> Candidate:
+        def measure(c):
+            calls.append((name, c.share))
+            return Outcome(c.split.test_rows, np.ones(len(c.split.test_rows), bool), 0.0, 1)
+        return Candidate(name, name, "", "featcache ...", lambda c: estimate, measure, config=cut, optional=optional)
+
+    def candidates(ctx, finetune=True):
+        return [fake("logreg@stage4", None, 1.0), fake("mlp@final", None, 0.6 * 300, optional=True),
+                fake("logreg@final+stage4", None, 999.0, optional=True),
+                fake("finetune@last-block", Cut(False), 1.0), fake("new-top@last-stage", Cut(True), 1.0)]
+    monkeypatch.setattr(advise_module, "candidates", candidates)
+    r = advise_module.advise(str(tux_cache), budget=300)
+    rows = {c["name"]: c for c in r["candidates"]}
+    concat = rows["logreg@final+stage4"]
+    assert concat["status"] == "skipped" and f"deferred to keep {FT_SHARE * 300:.0f}s for the fine-tunes" in concat["why"]
+    assert r["budget"]["kept_for_finetunes"] == FT_SHARE * 300
+    # logreg@stage4 measured 1.0, above the baseline: new top layers first, with the larger share; the MLP waited
+    # for the fine-tunes (it would have eaten into their time) and ran after them, in the time they left
+    assert calls == [("logreg@stage4", 1.0), ("new-top@last-stage", FIRST_FT_SHARE), ("finetune@last-block", 1.0),
+                     ("mlp@final", 1.0)]
+    assert r["finetune_order"]["order"] == ["new-top@last-stage", "finetune@last-block"]
 
 
 def test_test_source_split_and_a_second_backbone(tmp_path, tux_csv, lite0_embedder, mnv2_embedder, capsys):

@@ -11,7 +11,13 @@ candidate is measured, within ``budget`` seconds, on one split shared by all (``
     fine-tune the last block                  fine-tune deeper layers, small learning rate
     new top layers on the last stage          reuse early layers, train new top layers + head
 
-plus a learning curve of the baseline (does more data still pay?). A strategy is recommended only
+plus a learning curve of the baseline (does more data still pay?). The budget is spent in that order,
+except that ``FT_SHARE`` of it is kept for the fine-tunes: an MLP or concatenated head that would eat
+into it waits until after them, and runs only if they left the time (the per-tap probes are cheap and
+are the evidence the fine-tunes are ordered by). The fine-tune the probes point to runs first, with the larger share of the time left: new top
+layers when an earlier tap beat the final one (the last layers are too ImageNet-specific for the
+data), the last block otherwise. Each fine-tune is sized to what it may use (fewer epochs, fewer
+training and test images) rather than skipped, and reports what it ran with. A strategy is recommended only
 if it is clearly better than the frozen head: the 95 % paired-bootstrap interval of its accuracy
 minus the frozen head's, on the same test rows and trained on the same rows, lies above zero
 (a fine-tune the budget confined to a subset is compared with the frozen head trained on that
@@ -48,6 +54,8 @@ from .measure import (
 )
 from .probe import imagenet_similarity, labelled_rows, pooled_taps
 
+MIN_FT_SECONDS = 20.0  # finetune_probe.MIN_SECONDS (not imported: listing the candidates loads no torch)
+
 CELL_FROZEN = "small / similar: frozen features + new head"
 CELL_EARLY = "small / not similar: reuse early layers + new head"
 CELL_NEW_TOP = "small / not similar: reuse early layers, train new top layers + head"
@@ -57,6 +65,9 @@ CURVE = (0.125, 0.25, 0.5)  # learning-curve fractions of the training rows (1.0
 STEEP = 0.02  # the last doubling of the data gained at least this, clearly above 0: more data still pays
 LOW = 0.9  # ... and the best accuracy is below this: "collect more data" leads the advice
 MIN_PER_CLASS = 10  # fewer in the smallest class: every figure is shaky, and advise says so
+FT_SHARE = 0.6  # of the budget kept for the fine-tunes: the optional heads (mlp, concat) only run beyond it
+FIRST_FT_SHARE = 0.7  # of the time left, for the fine-tune the evidence puts first (the other gets the rest)
+END_MARGIN = 6.0  # seconds of the budget kept back: the command's start (imports) and its report count too
 SIMILARITY_SAMPLE = 2000
 SIMILARITY_SECONDS = 3.0  # per backbone: load it, apply its ImageNet classifier
 
@@ -75,6 +86,7 @@ class Context:
     deadline: float
     fingerprint_flag: str = ""  # " --fingerprint FP" when the cache holds several
     seconds_per_dim: float = 0.0  # the baseline's fit time per feature: the cost model of the other heads
+    share: float = 1.0  # of the time left, what the fine-tune being measured may plan with
 
     def left(self) -> float:
         return self.deadline - time.perf_counter()
@@ -104,10 +116,11 @@ class Candidate:
     note: str = ""
     config: object = None  # a fine-tune's ``Cut``, to measure it in full outside the budget (benchmarks)
     recommendable: bool = True  # False: measured for information; no featcache command trains it yet
+    optional: bool = False  # True: skipped first when the budget is short (the time kept for the fine-tunes)
 
 
 def head_candidate(ctx: Context, name: str, strategy: str, cell: str, tap: str, kind: str, cost: float,
-                   fingerprint: str | None = None) -> Candidate:
+                   fingerprint: str | None = None, optional: bool = False) -> Candidate:
     """A head of ``kind`` on frozen ``tap`` features; ``cost``: its fit time relative to the baseline's per feature."""
     dim = int((ctx.cache.group_attrs(fingerprint) if fingerprint else ctx.attrs)["taps"][tap])
 
@@ -120,7 +133,7 @@ def head_candidate(ctx: Context, name: str, strategy: str, cell: str, tap: str, 
         return out
 
     return Candidate(name, strategy, cell, ctx.train_command(tap, kind, fingerprint),
-                     lambda c: cost * c.seconds_per_dim * dim, measure)
+                     lambda c: cost * c.seconds_per_dim * dim, measure, optional=optional)
 
 
 def concat_candidate(ctx: Context, taps: list[str]) -> Candidate:
@@ -130,12 +143,13 @@ def concat_candidate(ctx: Context, taps: list[str]) -> Candidate:
 
     dim = sum(int(ctx.attrs["taps"][t]) for t in taps)
     return Candidate("logreg@" + "+".join(taps), "logistic head on all pooled taps, concatenated", CELL_EARLY, None,
-                     lambda c: 1.5 * c.seconds_per_dim * dim, measure, recommendable=False,
+                     lambda c: 1.5 * c.seconds_per_dim * dim, measure, recommendable=False, optional=True,
                      note="featcache train cannot train on concatenated taps yet: not recommendable")
 
 
 def candidates(ctx: Context, finetune: bool = True) -> list[Candidate]:
-    """Every strategy besides the baseline, cheapest first (the fine-tunes take what time is left)."""
+    """Every strategy besides the baseline: the probes, the optional heads, then the fine-tunes (in ``advise``, the
+    fine-tunes are ordered by what the probes showed, ``finetune_order``, and the optional heads leave them a share)."""
     from .finetune_probe import finetune_candidates
 
     taps = [t for t in pooled_taps(list(ctx.attrs["taps"])) if t != "final"]
@@ -147,10 +161,32 @@ def candidates(ctx: Context, finetune: bool = True) -> list[Candidate]:
             name = other["backbone"].get("name")
             out.append(head_candidate(ctx, f"logreg@final[{name}]", f"logistic head on frozen final features of "
                                       f"{name}", CELL_FROZEN, "final", "logreg", 1.5, fingerprint=fp))
-    out.append(head_candidate(ctx, "mlp@final", "MLP head on frozen final features", CELL_FROZEN, "final", "mlp", 4.0))
+    out.append(head_candidate(ctx, "mlp@final", "MLP head on frozen final features", CELL_FROZEN, "final", "mlp", 4.0,
+                              optional=True))
     if taps:
         out.append(concat_candidate(ctx, ["final", *taps]))
     return out + (finetune_candidates(ctx, CELL_FINETUNE, CELL_NEW_TOP) if finetune else [])
+
+
+def finetune_order(tunes: list[Candidate], rows: list[dict], base_row: dict) -> tuple[list[Candidate], dict]:
+    """The fine-tunes, the one the probes point to first (it plans with the larger share of the time left).
+
+    An earlier tap that clearly beat the final one (the paired interval above zero) says the last layers are too
+    ImageNet-specific for the data: new top layers on an earlier cut first. Otherwise the final features are as
+    good as any frozen ones: the last block first.
+    """
+    early = [r for r in rows if r["status"] == "measured" and r["name"].startswith("logreg@stage")]
+    best = max(early, key=lambda r: r["accuracy"], default=None)
+    if best is not None and best["clearly_better"]:
+        first = [c for c in tunes if c.config.new_top]
+        why = (f"{best['name']} ({best['accuracy']:.3f}) clearly beat the final tap ({base_row['accuracy']:.3f}): "
+               "new top layers on an earlier cut first")
+    else:
+        first = [c for c in tunes if not c.config.new_top]
+        why = ("no earlier tap clearly beat the final one" if best is not None else "no earlier tap was measured") + \
+            ": the last block first"
+    ordered = first + [c for c in tunes if c not in first]
+    return ordered, {"order": [c.name for c in ordered], "why": why}
 
 
 def _row(c: Candidate, out: Outcome | None, base: Outcome, seed: int, skipped: str = "") -> dict:
@@ -250,7 +286,8 @@ def prepare(cache_dir: str, fingerprint: str | None = None, budget: float = 120.
     base, total = labelled_rows(cache, fp, max_rows, seed)
     split = shared_split(base, seed, test_source)
     several = len(cache.fingerprints()) > 1
-    ctx = Context(cache, shlex.quote(str(cache_dir)), fp, attrs, base, split, seed, t0 + budget,
+    ctx = Context(cache, shlex.quote(str(cache_dir)), fp, attrs, base, split, seed,
+                  t0 + budget - min(END_MARGIN, 0.05 * budget),
                   fingerprint_flag=f" --fingerprint {fp[:12]}" if several else "")
     baseline = head_outcome(base.X, base.y, split.folds, "logreg", seed)
     ctx.seconds_per_dim = (baseline.steady_seconds or baseline.seconds) / base.X.shape[1]
@@ -276,16 +313,36 @@ def advise(cache_dir: str, fingerprint: str | None = None, budget: float = 120.0
     kept[BASELINE] = baseline
     curve = learning_curve(ctx, baseline)
     rows = []
-    for cand in candidates(ctx, finetune):
+    every = candidates(ctx, finetune)
+    tunes = [c for c in every if c.config is not None]
+    reserve = FT_SHARE * budget if tunes else 0.0
+
+    def run(cand: Candidate, room: float, short: str = "") -> None:
         need = cand.estimate(ctx)
-        if need > ctx.left():
-            rows.append(_row(cand, None, baseline, seed, f"needs about {need:.0f}s, {max(0, ctx.left()):.0f}s left"))
-            continue
+        if need > room:
+            rows.append(_row(cand, None, baseline, seed, f"needs about {need:.0f}s, {max(0, room):.0f}s left{short}"))
+            return
         try:
             kept[cand.name] = cand.measure(ctx)
             rows.append(_row(cand, kept[cand.name], baseline, seed))
         except (FeatcacheError, OutOfBudget) as e:  # a tap lagging behind, weights gone, no time: the others count
             rows.append(_row(cand, None, baseline, seed, str(e)))
+
+    deferred = []
+    for cand in every:
+        if cand.config is None:
+            if cand.optional and reserve and cand.estimate(ctx) > ctx.left() - reserve:
+                deferred.append(cand)  # measured after the fine-tunes, if they leave the time
+                continue
+            run(cand, ctx.left())
+    tunes, order = finetune_order(tunes, rows, base_row)
+    for i, cand in enumerate(tunes):
+        # the first takes everything when the rest would be too little for the second to start
+        ctx.share = FIRST_FT_SHARE if i == 0 and len(tunes) > 1 and \
+            ctx.left() * (1 - FIRST_FT_SHARE) >= MIN_FT_SECONDS else 1.0
+        run(cand, ctx.left())
+    for cand in deferred:
+        run(cand, ctx.left(), f" (deferred to keep {reserve:.0f}s for the fine-tunes)")
     cache, base = ctx.cache, ctx.base
     similarity = None
     with_final = [f for f in cache.fingerprints() if "final" in cache.group_attrs(f)["taps"]]
@@ -304,5 +361,6 @@ def advise(cache_dir: str, fingerprint: str | None = None, budget: float = 120.0
             "evaluation": {"mode": split.mode, "flags": split.flags, "test_rows": int(len(split.test_rows)), **split.info},
             "baseline": base_row, "candidates": [base_row, *rows], "learning_curve": curve,
             "imagenet_similarity": similarity, "recommendation": rec, "why": why,
-            "budget": {"seconds": budget, "used": round(time.perf_counter() - t0, 2),
+            "finetune_order": order,
+            "budget": {"seconds": budget, "used": round(time.perf_counter() - t0, 2), "kept_for_finetunes": reserve,
                        "skipped": [r["name"] for r in rows if r["status"] == "skipped"]}}

@@ -5,20 +5,29 @@ and the last stage re-initialised (``--new-top``: reuse early layers, train new 
 trains on the first fold's training rows and is scored on its test rows, on as many of them as
 the time left allows. The frozen prefix's activations come from the cache when it holds them
 (``raw:`` taps, left by an earlier ``featcache finetune``), else from the images, one forward
-pass each, in memory: advise never writes to the cache. The cost per image of both the prefix
-and a training step is timed on the first images, and the subset is sized to fit; a cut that
-cannot fit its minimum is skipped, saying so. Trained on a subset, a fine-tune is compared with
-the frozen head trained on the same subset: a strategy is judged on equal data.
+pass each, in memory, once: every epoch reuses them (advise never writes to the cache). The cost per
+image of both the prefix and a training step is timed on the first images, and the run is sized to
+fit its share of the time left (``plan``): fewer epochs (down to ``MIN_EPOCHS``, the warm-up
+shortened in proportion), then fewer training images (down to ``MIN_TRAIN``), then fewer test images
+(down to ``TEST_MIN``); a cut that cannot fit even that is skipped, saying what it would need. The
+training steps run on every CPU, or on one thread when that was timed faster (a machine other work
+keeps busy). A short run's BatchNorm running
+statistics lag behind its weights (a re-initialised stage starts from mean 0, variance 1), so before
+each evaluation they are re-estimated on training images (``RECALIBRATE``); ``featcache finetune``
+runs long enough not to need it. Trained on a subset, a fine-tune is compared with the frozen head
+trained on the same subset: a strategy is judged on equal data. What it ran with (images, epochs)
+is reported with its figure; its command is the full fine-tune.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from ..errors import FeatcacheError, UsageError
 from ..extract.backbone import Backbone
@@ -37,7 +46,9 @@ MIN_TRAIN_PER_CLASS = 10  # a fine-tune on fewer images (per class, or MIN_TRAIN
 MIN_TRAIN = 100
 BATCH = 16  # images per prefix forward pass (one fixed shape: the frozen graph is optimised once)
 SLACK = 0.8  # plan to use this share of the time left
-MIN_SECONDS = 10.0  # below this left, a fine-tune is not even started (loading the backbone alone takes seconds)
+MIN_SECONDS = 20.0  # below this left, a fine-tune is not even started (loading and timing it take ~10s)
+MIN_EPOCHS = 3  # a run sized to the budget trains at least this many epochs (the command: the full number)
+RECALIBRATE = 64  # training images the BatchNorm statistics are re-estimated on before each evaluation of a short run
 
 
 class SubsetFinetuner(Finetuner):
@@ -56,7 +67,12 @@ class SubsetFinetuner(Finetuner):
     def test_mask(self, data: Labelled) -> np.ndarray:
         return self._test
 
+    recalibrate: int = 0  # > 0: re-estimate BatchNorm running statistics on this many training rows first
+
     def evaluate(self, prefix, suffix, acts, paths, labels_idx, idx) -> float:
+        if self.recalibrate:
+            train = np.flatnonzero(~self._test)
+            self._recalibrate(prefix, suffix, acts, paths, train[~np.isin(train, idx)][: self.recalibrate])
         ok = self.predict(prefix, suffix, acts, paths, idx) == labels_idx[idx]
         if np.array_equal(idx, np.flatnonzero(self._test)):
             self.test_correct = ok
@@ -64,6 +80,22 @@ class SubsetFinetuner(Finetuner):
 
     def save(self, net, classes, result) -> str:
         return ""
+
+    def _recalibrate(self, prefix, suffix, acts, paths, rows: np.ndarray) -> None:
+        """The unfrozen BatchNorm layers' running statistics, recomputed as plain averages over ``rows``."""
+        if self.cfg.bn != "train" or not len(rows):
+            return
+        suffix.train()
+        bns = [m for m in suffix.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        momentum = [m.momentum for m in bns]
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None  # a cumulative average over the batches below
+        with torch.no_grad():
+            for s in range(0, len(rows), self.cfg.batch_size):
+                suffix(self._inputs(prefix, acts, paths, rows[s : s + self.cfg.batch_size], False))
+        for m, mom in zip(bns, momentum):
+            m.momentum = mom
 
 
 def _take(y: np.ndarray, rows: np.ndarray, n: int, seed: int) -> np.ndarray:
@@ -127,8 +159,8 @@ class _Prefix:
         return np.asarray([r for r in rows if int(r) in self.acts])
 
 
-def _step_seconds(ft: Finetuner, acts: np.ndarray, y: np.ndarray, classes: int) -> float:
-    """Seconds per image of one training step of the unfrozen part (timed on up to 32 rows).
+def _step_seconds(ft: Finetuner, acts: np.ndarray, y: np.ndarray, classes: int, n: int = 32) -> float:
+    """Seconds per image of one training step of the unfrozen part (timed on up to ``n`` rows).
 
     The random state is put back afterwards, so the run that follows is the one ``featcache finetune`` makes.
     """
@@ -136,12 +168,25 @@ def _step_seconds(ft: Finetuner, acts: np.ndarray, y: np.ndarray, classes: int) 
     try:
         _, prefix, suffix = ft.build(classes)
         opt = torch.optim.AdamW(suffix.parameters(), lr=ft.cfg.lr)
-        n = min(32, len(acts))
+        n = min(n, len(acts))
         t = time.perf_counter()
         ft.train_epoch(prefix, suffix, opt, acts, np.asarray([""] * len(acts)), y, np.arange(n))
         return (time.perf_counter() - t) / n
     finally:
         torch.set_rng_state(state)
+
+
+def _threads_and_step(ft: Finetuner, acts: np.ndarray, y: np.ndarray, classes: int) -> tuple[int, float]:
+    """(torch threads, seconds per training step and image) for the run: every CPU, or one thread when that is
+    faster (on a machine other work keeps busy, threads that wait for each other cost more than they bring)."""
+    threads = torch.get_num_threads()
+    _step_seconds(ft, acts, y, classes, 4)  # the first step allocates and picks kernels: not counted
+    best = (_step_seconds(ft, acts, y, classes, 16), threads)
+    if threads > 1:
+        torch.set_num_threads(1)
+        best = min(best, (_step_seconds(ft, acts, y, classes, 16), 1))
+        torch.set_num_threads(best[1])
+    return best[1], best[0]
 
 
 def _score(ctx, ft: SubsetFinetuner, prefix: _Prefix, tr: np.ndarray, te: np.ndarray) -> tuple[np.ndarray, dict]:
@@ -162,7 +207,6 @@ class Cut:
     """A fine-tune advise tries: the last block, pretrained, or the last stage re-initialised (``--new-top``)."""
 
     new_top: bool
-    share: float = 1.0  # of the time left, when measured within the budget
     epochs: int = FinetuneConfig.epochs
 
 
@@ -195,8 +239,32 @@ def _details(ctx, ft: Finetuner, prefix: _Prefix) -> dict:
             "prefix_seconds_per_image": round(prefix.per_image, 4)}
 
 
+def plan(left: float, per_prefix: float, per_step: float, per_test: float, n_tr: int, n_te: int, floor: int,
+         epochs: int) -> tuple[int, int, int] | None:
+    """(training images, test images, epochs) that fit ``left`` seconds, or None when even the minimum does not.
+
+    Images before epochs: as many training images as fit ``MIN_EPOCHS`` (at least ``floor``), and when all of
+    them fit, as many epochs as fit (up to ``epochs``): a short run with its BatchNorm statistics re-estimated
+    fits its images in a few epochs, while a few images are too few to learn from. About 30 % of the time goes
+    to test images (``TEST_MIN`` or more, as many as given when there is time).
+    """
+    lo = min(epochs, MIN_EPOCHS)
+    for tests in (int(min(n_te, max(TEST_MIN, (left * 0.3) // max(per_test, 1e-9)))), min(n_te, TEST_MIN)):
+        room = left - tests * per_test
+
+        def fits(e: int, room: float = room) -> int:
+            return int(min(n_tr, room // max(per_prefix + e * per_step * 1.1, 1e-9)))  # + the validation passes
+
+        if fits(lo) < floor:
+            continue
+        if fits(lo) < n_tr:
+            return fits(lo), tests, lo
+        return n_tr, tests, max(e for e in range(lo, epochs + 1) if fits(e) >= n_tr)
+    return None
+
+
 def measure_within_budget(ctx, cut: Cut) -> Outcome:
-    """The first fold, on as many of its rows as the cut's share of the time left allows.
+    """The first fold, sized to the fine-tune's share of the time left (``ctx.share``): its epochs, its rows.
 
     Trained on a subset, it carries the frozen head trained on the same subset (``Outcome.frozen``).
     """
@@ -204,6 +272,7 @@ def measure_within_budget(ctx, cut: Cut) -> Outcome:
     y = ctx.base.y
     classes = np.unique(y)
     tr, te = ctx.split.folds[0]
+    left = max(0.0, ctx.left()) * getattr(ctx, "share", 1.0)  # this fine-tune's part, counted from its start
     ft, prefix = _start(ctx, cut)
     te_sel = _take(y, te, TEST_MAX, ctx.seed)
     prefix.compute(te_sel[: 2 * BATCH])  # the first batch traces; the second is timed
@@ -211,36 +280,61 @@ def measure_within_budget(ctx, cut: Cut) -> Outcome:
     if len(first) == 0:
         raise UsageError(f"none of the first images of the test rows could be read for the {prefix.tap} prefix")
     y_first = np.searchsorted(classes, y[first])
-    per_step = _step_seconds(ft, np.stack([prefix.acts[int(r)] for r in first]), y_first, len(classes))
-    left = ctx.left() * cut.share * SLACK
+    threads = torch.get_num_threads()
+    try:
+        used, per_step = _threads_and_step(ft, np.stack([prefix.acts[int(r)] for r in first]), y_first, len(classes))
+        return _sized(ctx, cut, ft, prefix, t0, left, per_step, used)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _sized(ctx, cut: Cut, ft: SubsetFinetuner, prefix: _Prefix, t0: float, left: float, per_step: float,
+           threads: int) -> Outcome:
+    y = ctx.base.y
+    classes = np.unique(y)
+    tr, te = ctx.split.folds[0]
+    te_sel = _take(y, te, TEST_MAX, ctx.seed)
+    left = (left - (time.perf_counter() - t0)) * SLACK
     per_test = prefix.per_image + per_step / 3
-    per_train = prefix.per_image + cut.epochs * per_step * 1.1  # + the validation passes
     floor = min(len(tr), max(MIN_TRAIN_PER_CLASS * len(classes), MIN_TRAIN))
-    need = floor * per_train + min(len(te_sel), TEST_MIN) * per_test
-    if need > left:
-        raise OutOfBudget(f"needs about {need:.0f}s for {floor} training and {TEST_MIN} test images "
-                          f"({prefix.per_image:.3f}s per image for the {prefix.tap} prefix, {per_step:.3f}s per "
-                          f"training step and image); {max(0.0, left):.0f}s of the {max(0.0, ctx.left()):.0f}s "
-                          "left were planned for it")
-    n_te = int(min(len(te_sel), max(TEST_MIN, (left * 0.3) // max(per_test, 1e-9))))
-    n_tr = int(min(len(tr), (left - n_te * per_test) // max(per_train, 1e-9)))
-    if n_tr < floor:  # the minimum fits only with the fewest test images
-        n_te = min(len(te_sel), TEST_MIN)
-        n_tr = int(min(len(tr), (left - n_te * per_test) // max(per_train, 1e-9)))
+    sized = plan(left, prefix.per_image, per_step, per_test, len(tr), len(te_sel), floor, cut.epochs)
+    if sized is None:
+        e = min(cut.epochs, MIN_EPOCHS)
+        need = floor * (prefix.per_image + e * per_step * 1.1) + min(len(te_sel), TEST_MIN) * per_test
+        raise OutOfBudget(f"needs about {need:.0f}s for {e} epochs on {floor} training and {TEST_MIN} test images "
+                          f"({prefix.per_image:.3f}s per image for the {prefix.tap} prefix, computed once; "
+                          f"{per_step:.3f}s per training step and image); {max(0.0, left):.0f}s of the "
+                          f"{max(0.0, ctx.left()):.0f}s left were planned for it")
+    n_tr, n_te, epochs = sized
     te_sel = _take(y, te_sel, n_te, ctx.seed)
     tr_sel = _take(y, tr, n_tr, ctx.seed)
-    prefix.compute(np.concatenate([te_sel, tr_sel]))
+    prefix.compute(np.concatenate([te_sel, tr_sel]))  # once: every epoch reuses these activations
     te_sel, tr_sel = prefix.known(te_sel), prefix.known(tr_sel)
+    short = epochs < cut.epochs or len(tr_sel) < len(tr)
+    full = ft.cfg
+    # the full run's schedule, compressed: the same share of warm-up
+    ft.cfg = replace(full, epochs=epochs, warmup_epochs=full.warmup_epochs * epochs / cut.epochs)
+    ft.recalibrate = RECALIBRATE if short else 0
     correct, details = _score(ctx, ft, prefix, tr_sel, te_sel)
+    warmup, ft.cfg = ft.cfg.warmup_epochs, full  # the command: the full fine-tune
     details |= _details(ctx, ft, prefix)
+    details["measured_with"] = {"train_images": int(len(tr_sel)), "of_train_images": int(len(tr)),
+                                "test_images": int(len(te_sel)), "of_test_images": int(len(te)), "epochs": epochs,
+                                "full_epochs": cut.epochs, "warmup_epochs": round(warmup, 3),
+                                "batchnorm_recalibrated": bool(ft.recalibrate),
+                                "torch_threads": threads,
+                                "planned_seconds": round(left / SLACK, 1)}
+    ran = f"{epochs} epoch{'s' if epochs != 1 else ''} at most" + (f" (the command: {cut.epochs})"
+                                                                   if epochs < cut.epochs else "")
     frozen = None
     if len(tr_sel) < len(tr):  # compare with the frozen head trained on the same rows, not on more
         frozen = head_outcome(ctx.base.X, y, [(tr_sel, te_sel)], "logreg", ctx.seed).correct
-        details["subset"] = (f"trained on {len(tr_sel)} of {len(tr)} training images (to fit the budget) and compared "
-                             f"with the frozen logistic head trained on the same {len(tr_sel)}: {frozen.mean():.3f}; "
-                             f"`featcache finetune` trains on all of them")
-    elif len(te_sel) < len(te):
-        details["subset"] = f"tested on {len(te_sel)} of the {len(te)} test images (to fit the budget)"
+        details["subset"] = (f"trained {ran} on {len(tr_sel)} of {len(tr)} training images and tested on "
+                             f"{len(te_sel)} of {len(te)} (to fit the budget); compared with the frozen logistic "
+                             f"head trained on the same {len(tr_sel)}: {frozen.mean():.3f}; `featcache finetune` "
+                             f"trains on all of them")
+    elif len(te_sel) < len(te) or epochs < cut.epochs:
+        details["subset"] = f"trained {ran} and tested on {len(te_sel)} of the {len(te)} test images (to fit the budget)"
     return Outcome(te_sel, correct, time.perf_counter() - t0, len(tr_sel), details, frozen=frozen)
 
 
@@ -269,8 +363,8 @@ def finetune_candidates(ctx, cell_late: str, cell_new_top: str) -> list:
     from .advise import Candidate
 
     out = []
-    for name, cut, cell, strategy in (  # the late cut first, with most of the time left
-            ("finetune@last-block", Cut(False, 0.6), cell_late, "fine-tune the last block (pretrained, lr x0.1)"),
+    for name, cut, cell, strategy in (  # advise orders them by what the probes showed (``advise.finetune_order``)
+            ("finetune@last-block", Cut(False), cell_late, "fine-tune the last block (pretrained, lr x0.1)"),
             ("new-top@last-stage", Cut(True), cell_new_top, "new top layers: the last stage re-initialised")):
         out.append(Candidate(name, strategy, cell, None, lambda c: MIN_SECONDS,
                              lambda c, cut=cut: measure_within_budget(c, cut), config=cut))
