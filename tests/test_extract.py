@@ -211,12 +211,12 @@ def test_sigkill_then_resume_equals_uninterrupted(tux_csv, tmp_path, tux_cache):
             committed = g[fps[0]].attrs["rows"] if fps else 0
         except Exception:  # noqa: BLE001 - cache not created yet
             committed = 0
-        if committed >= 40:
+        if committed >= 8:  # the first commit seen: kill early, group commits can take 64 rows at a time
             break
     assert proc.poll() is None, "the extraction finished before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert 40 <= committed < n, f"kill landed at {committed} rows"
+    assert 8 <= committed < n, f"kill landed at {committed} rows"
     resumed = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
     summary = json.loads(resumed.stdout)
     assert summary["already_cached"] >= committed and summary["already_cached"] + summary["extracted"] == n
