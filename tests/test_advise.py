@@ -72,15 +72,22 @@ def test_budget_skips_what_does_not_fit_and_says_why(tux_cache, capsys):
     assert main(["advise", "--cache", str(tux_cache), "--budget", "0"]) == 2
 
 
+def _per_class_split(tux_cache, n_train: int):
+    """advise's context on the tux cache with a small split: ``n_train`` training images and 1 test image per class."""
+    ctx, _, _ = prepare(str(tux_cache), budget=600)
+    y = ctx.base.y
+    rng = np.random.default_rng(0)
+    picks = [rng.permutation(np.flatnonzero(y == c))[: n_train + 1] for c in np.unique(y)]
+    train = np.sort(np.concatenate([p[:n_train] for p in picks]))
+    test = np.sort(np.concatenate([p[n_train:] for p in picks]))
+    ctx.split = SharedSplit([(train, test)], "test-split", "")
+    return ctx
+
+
 def test_short_finetune_within_budget_equals_the_full_run_when_everything_fits(tux_cache, monkeypatch):
     """On a small split both paths train on the same rows: the same figure, per row."""
     monkeypatch.setattr("featcache.classify.finetune.available_cpus", lambda: 1)  # the same threads: the same sums
-    ctx, baseline, _ = prepare(str(tux_cache), budget=600)
-    y = ctx.base.y
-    rng = np.random.default_rng(0)
-    picks = [rng.permutation(np.flatnonzero(y == c))[:4] for c in np.unique(y)]  # 3 train + 1 test per class
-    train, test = np.sort(np.concatenate([p[:3] for p in picks])), np.sort(np.concatenate([p[3:] for p in picks]))
-    ctx.split = SharedSplit([(train, test)], "test-split", "")
+    ctx = _per_class_split(tux_cache, 3)
     cut = Cut(new_top=False, epochs=2)
     quick = measure_within_budget(ctx, cut)
     full = measure_in_full(ctx, cut)
@@ -96,12 +103,7 @@ def test_short_finetune_within_budget_equals_the_full_run_when_everything_fits(t
 
 def test_a_finetune_short_of_time_is_sized_down_not_skipped_and_says_what_it_ran(tux_cache, monkeypatch):
     """Fewer epochs and images than the command: reported with the figure, compared on equal data."""
-    ctx, baseline, _ = prepare(str(tux_cache), budget=600)
-    y = ctx.base.y
-    rng = np.random.default_rng(0)
-    picks = [rng.permutation(np.flatnonzero(y == c))[:5] for c in np.unique(y)]  # 4 train + 1 test per class
-    train, test = np.sort(np.concatenate([p[:4] for p in picks])), np.sort(np.concatenate([p[4:] for p in picks]))
-    ctx.split = SharedSplit([(train, test)], "test-split", "")
+    ctx = _per_class_split(tux_cache, 4)
     seen = {}
 
     def small(left, per_prefix, per_step, per_test, n_tr, n_te, floor, epochs):
