@@ -200,8 +200,9 @@ class Figure:
         return self.correct[[pos[int(r)] for r in rows]]
 
 
-def _reusable(old: dict | None, name: str, baseline, ctx, ft_folds: int | None) -> dict | None:
-    """The earlier run's in-full figure of fine-tune ``name``, if that run used the very same split."""
+def _reusable(old: dict | None, name: str, baseline, ctx, ft_folds: int | None, rows: np.ndarray) -> dict | None:
+    """The earlier run's in-full figure of fine-tune ``name``, if that run used the very same split (``rows``: the
+    test rows of the folds a fine-tune is measured on)."""
     if not old or old["config"].get("ft_folds") != ft_folds:
         return None
     ref = old["reference"]
@@ -209,8 +210,6 @@ def _reusable(old: dict | None, name: str, baseline, ctx, ft_folds: int | None) 
     same = (old["evaluation"]["flags"] == portable(ctx.split.flags) and old["evaluation"]["test_rows"] == len(ctx.split.test_rows)
             and old["images"] == len(ctx.base) and base.get("test_rows") == len(baseline.rows)
             and abs(base.get("accuracy", -1) - baseline.accuracy) < 1e-12 and base.get("train_rows") == baseline.train_rows)
-    folds = ctx.split.folds[: ft_folds or len(ctx.split.folds)]
-    rows = np.concatenate([te for _, te in folds])
     ok = same and fig.get("source", "").startswith("in full") and fig.get("test_rows") == len(rows)
     return fig if ok else None
 
@@ -229,11 +228,11 @@ def reference(cache: Path, test_source: str | None, seed: int, max_rows: int, ft
     ctx, baseline, _ = prepare(str(cache), budget=1e9, seed=seed, test_source=test_source, max_rows=max_rows)
     outcomes = {BASELINE: baseline}
     figures = {BASELINE: _figure(baseline, True, "advise")}
+    ft_rows = np.concatenate([te for _, te in ctx.split.folds[: ft_folds or len(ctx.split.folds)]])
     for cand in candidates(ctx):
         t = time.perf_counter()
-        if cand.config is not None and (fig := _reusable(old, cand.name, baseline, ctx, ft_folds)):
-            folds = ctx.split.folds[: ft_folds or len(ctx.split.folds)]
-            out = Figure(fig, np.concatenate([te for _, te in folds]))
+        if cand.config is not None and (fig := _reusable(old, cand.name, baseline, ctx, ft_folds, ft_rows)):
+            out = Figure(fig, ft_rows)
             source = fig["source"] if "earlier run" in fig["source"] else fig["source"] + ", reused from an earlier run"
             figures[cand.name] = fig | {"source": source}
             outcomes[cand.name] = out

@@ -54,7 +54,7 @@ from .measure import (
 )
 from .probe import imagenet_similarity, labelled_rows, pooled_taps
 
-MIN_FT_SECONDS = 20.0  # finetune_probe.MIN_SECONDS (not imported: listing the candidates loads no torch)
+MIN_FT_SECONDS = 20.0  # below this left, a fine-tune is not even started (loading and timing it take ~10s)
 
 CELL_FROZEN = "small / similar: frozen features + new head"
 CELL_EARLY = "small / not similar: reuse early layers + new head"

@@ -46,7 +46,6 @@ MIN_TRAIN_PER_CLASS = 10  # a fine-tune on fewer images (per class, or MIN_TRAIN
 MIN_TRAIN = 100
 BATCH = 16  # images per prefix forward pass (one fixed shape: the frozen graph is optimised once)
 SLACK = 0.8  # plan to use this share of the time left
-MIN_SECONDS = 20.0  # below this left, a fine-tune is not even started (loading and timing it take ~10s)
 MIN_EPOCHS = 3  # a run sized to the budget trains at least this many epochs (the command: the full number)
 RECALIBRATE = 64  # training images the BatchNorm statistics are re-estimated on before each evaluation of a short run
 
@@ -272,7 +271,7 @@ def measure_within_budget(ctx, cut: Cut) -> Outcome:
     y = ctx.base.y
     classes = np.unique(y)
     tr, te = ctx.split.folds[0]
-    left = max(0.0, ctx.left()) * getattr(ctx, "share", 1.0)  # this fine-tune's part, counted from its start
+    left = max(0.0, ctx.left()) * ctx.share  # this fine-tune's part, counted from its start
     ft, prefix = _start(ctx, cut)
     te_sel = _take(y, te, TEST_MAX, ctx.seed)
     prefix.compute(te_sel[: 2 * BATCH])  # the first batch traces; the second is timed
@@ -283,17 +282,17 @@ def measure_within_budget(ctx, cut: Cut) -> Outcome:
     threads = torch.get_num_threads()
     try:
         used, per_step = _threads_and_step(ft, np.stack([prefix.acts[int(r)] for r in first]), y_first, len(classes))
-        return _sized(ctx, cut, ft, prefix, t0, left, per_step, used)
+        return _sized(ctx, cut, ft, prefix, te_sel, t0, left, per_step, used)
     finally:
         torch.set_num_threads(threads)
 
 
-def _sized(ctx, cut: Cut, ft: SubsetFinetuner, prefix: _Prefix, t0: float, left: float, per_step: float,
-           threads: int) -> Outcome:
+def _sized(ctx, cut: Cut, ft: SubsetFinetuner, prefix: _Prefix, te_sel: np.ndarray, t0: float, left: float,
+           per_step: float, threads: int) -> Outcome:
+    """The run ``measure_within_budget`` timed, planned into ``left`` seconds (``te_sel``: its test rows at most)."""
     y = ctx.base.y
     classes = np.unique(y)
     tr, te = ctx.split.folds[0]
-    te_sel = _take(y, te, TEST_MAX, ctx.seed)
     left = (left - (time.perf_counter() - t0)) * SLACK
     per_test = prefix.per_image + per_step / 3
     floor = min(len(tr), max(MIN_TRAIN_PER_CLASS * len(classes), MIN_TRAIN))
@@ -360,12 +359,12 @@ def finetune_candidates(ctx, cell_late: str, cell_new_top: str) -> list:
 
     Their cut (which block, which stage) is found when they are measured: listing them loads nothing.
     """
-    from .advise import Candidate
+    from .advise import MIN_FT_SECONDS, Candidate
 
     out = []
     for name, cut, cell, strategy in (  # advise orders them by what the probes showed (``advise.finetune_order``)
             ("finetune@last-block", Cut(False), cell_late, "fine-tune the last block (pretrained, lr x0.1)"),
             ("new-top@last-stage", Cut(True), cell_new_top, "new top layers: the last stage re-initialised")):
-        out.append(Candidate(name, strategy, cell, None, lambda c: MIN_SECONDS,
+        out.append(Candidate(name, strategy, cell, None, lambda c: MIN_FT_SECONDS,
                              lambda c, cut=cut: measure_within_budget(c, cut), config=cut))
     return out
