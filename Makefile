@@ -24,8 +24,9 @@ setup: .setup-done
 demo: setup
 	$(PY) scripts/demo.py --cache $(CACHE)
 
+# one pytest-xdist worker per CPU, each kept to its own CPU; whole modules per worker, the longest first (tests/conftest.py)
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist loadfile --no-loadscope-reorder
 
 # What CI runs: the tests plus the reduced accuracy checks (results in benchmarks/results/ci/, which git ignores).
 ci: test

@@ -85,3 +85,12 @@ def imagenet_cache(tmp_path_factory, imagenet_dir, lite0_embedder) -> Iterator[P
     Extraction(ExtractConfig(str(imagenet_dir), str(cache), progress=False), lite0_embedder).run()
     with read_only(cache):
         yield cache
+
+
+LONGEST_FIRST = ("test_ray_engine.py", "test_runtimes.py")  # minutes each: started first, they run beside the rest
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    """The longest modules first (a stable sort: everything else keeps its order), so that with two xdist workers
+    they do not run last and alone."""
+    items.sort(key=lambda item: item.path.name not in LONGEST_FIRST)

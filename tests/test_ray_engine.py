@@ -92,26 +92,27 @@ def test_ray_equals_local_on_real_photos_and_hostile_files(ray_cluster, imagenet
     assert {"hash", "decode", "model", "write", "ray_connect"} <= set(ray_["timings"])
 
 
-def test_ray_grown_collection_extracts_only_new_files(ray_cluster, tmp_path, lite0_embedder):
-    """One actor: what is checked here is which files reach the model, not how work spreads over the nodes
-    (the equality test does that, and the killed driver's re-run filters known content on both nodes).
-    Each job's actors load the model, and two of them on two cores take about twice as long."""
-    src = tmp_path / "src"
-    _photos(src / "a", 12)
+def test_ray_grown_collection_extracts_only_new_files(ray_cluster, tmp_path, lite0_embedder, local60):
+    """A cache the local engine built, grown with the Ray engine: only the new files reach the model, and a
+    re-run does no model work. One actor: what is checked here is which files reach the model, not how work
+    spreads over the nodes (the equality test does that, and the killed driver's re-run filters known content
+    on both nodes)."""
+    src, cache = tmp_path / "src", tmp_path / "c"
+    _photos(src, 60)
+    shutil.copytree(local60, cache)
+    _photos(src / "new", 5, start=60)
     kw = {"engine": "ray", "ray_address": ray_cluster.address, "actors": 1}
-    first = run(src, tmp_path / "c", lite0_embedder, **kw)
-    assert first["extracted"] == 12
-    _photos(src / "b", 5, start=12)
-    grown = run(src, tmp_path / "c", lite0_embedder, **kw)
-    assert grown["extracted"] == 5 and grown["already_cached"] == 12
-    again = run(src, tmp_path / "c", lite0_embedder, **kw)
+    grown = run(src, cache, lite0_embedder, **kw)
+    assert grown["extracted"] == 5 and grown["already_cached"] == 60
+    again = run(src, cache, lite0_embedder, **kw)
     assert again["extracted"] == 0 and again["timings"].get("model", 0) == 0, "a re-run must do no model work"
-    assert len(FeatureCache(tmp_path / "c").read()) == 17
+    assert len(FeatureCache(cache).read()) == 65
 
 
 @pytest.fixture(scope="module")
 def local60(tmp_path_factory, lite0_embedder) -> Path:
-    """The local engine's cache of ``_photos(src, 60)``, the reference both kill tests compare by content. Read-only."""
+    """The local engine's cache of ``_photos(src, 60)``, the reference both kill tests compare by content and the
+    grown collection starts from. Read-only (copied by the tests that write)."""
     root = tmp_path_factory.mktemp("local60")
     _photos(root / "src", 60)
     run(root / "src", root / "cache", lite0_embedder)
