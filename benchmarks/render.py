@@ -611,19 +611,15 @@ def section_advise(res: Results) -> str:
         return ""
     text = "## advise, measured against every strategy (issue 15)\n"
     if r is not None:
-        c = r["config"]
         text += f"""
-`python benchmarks/validate_advise.py --work {c['work']} --sets {' '.join(c['sets'])} --max-rows {c['max_rows']}
---budget {c['budget']:g}{f" --ft-folds {c['ft_folds']}" if c['ft_folds'] else ''}{
-            f" --reuse-reference {c['reuse_reference']}" if c.get('reuse_reference') else ''}` (raw: `benchmarks/results/advise.json`; {r['cpus']} CPUs,
-shared with other work, so advise's wall-clock budget bought less than on a quiet machine). For each set advise ran
-with `--budget {c['budget']:g}`; then every strategy it could have recommended was measured on the very split it used:
-heads as advise measured them, fine-tunes in full (every training row of {'the first fold' if c['ft_folds'] == 1
-else 'each fold'}, not advise's subset{
-            "; with --reuse-reference, a fine-tune an earlier run measured in full on the same split is reused" if
-            c.get('reuse_reference') else ''}). Target: the recommendation within {100 * r['target_gap']:g} point of the
-best strategy, or within that figure's 95 % interval; compared on the rows both were scored on (a fine-tune's
-interval on a few dozen test rows is wide: a pass "within the interval" is a weak one).
+`benchmarks/validate_advise.py` (raw: `benchmarks/results/advise.json`; {r['cpus']} CPUs; advise's budget is wall-clock
+time, so a busy machine buys less with it; each set's command is shown with its figures). For
+each set advise ran with its budget; then every strategy it could have recommended was measured on the very split it
+used: heads as advise measured them, fine-tunes in full (every training row, not advise's subset; of the first N
+folds with `--ft-folds N`, else of every fold; with `--reuse-reference`, a fine-tune an earlier run measured in full
+on the same split is reused). Target: the recommendation within {100 * r['target_gap']:g} point of the best strategy,
+or within that figure's 95 % interval; compared on the rows both were scored on (a fine-tune's interval on a few
+dozen test rows is wide: a pass "within the interval" is a weak one).
 
 | set | images / classes | split | advise recommends (its figure) | s | best measured | gap | |
 |---|---|---|---|---|---|---|---|
@@ -640,7 +636,7 @@ interval on a few dozen test rows is wide: a pass "within the interval" is a wea
                  "was trained and tested on (**bold**: advise's pick; _italics_: measured only, no command trains it), "
                  "and what advise itself measured within its budget:\n")
         for s in r["sets"]:
-            text += (f"\n{s['set']}: {s['kind']}.\n\n| strategy | accuracy | 95 % interval | test rows | train rows "
+            text += (f"\n{s['set']}: {s['kind']}. `{s['command']}`\n\n| strategy | accuracy | 95 % interval | test rows | train rows "
                      "| in advise |\n|---|---|---|---|---|---|\n")
             seen = {c["name"]: c for c in s["advise"]["candidates"]}
             for name, f in s["reference"].items():

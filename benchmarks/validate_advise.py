@@ -345,6 +345,14 @@ def timing(work: Path, images: int, budget: float) -> dict:
                        + (f" --budget {budget:g}" if budget != 120 else "")}
 
 
+def set_command(name: str, c: dict) -> str:
+    """The command that measures set ``name`` as this run did."""
+    return (f"python benchmarks/validate_advise.py --work {c['work']} --sets {name} --max-rows {c['max_rows']} "
+            f"--budget {c['budget']:g}" + (f" --limit {c['limit']}" if c["limit"] else "")
+            + (f" --ft-folds {c['ft_folds']}" if c["ft_folds"] else "") + (f" --seed {c['seed']}" if c["seed"] else "")
+            + (f" --reuse-reference {c['reuse_reference']}" if c["reuse_reference"] else ""))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, required=True, help="folder for the PNG sets and their caches (reused)")
@@ -362,6 +370,9 @@ def main() -> None:
                     help="an earlier run's results (advise.json): its fine-tunes measured in full are reused for every set "
                          "whose split is the same (same flags, rows and baseline figure) with the same --ft-folds; the "
                          "slow part of a run. A figure recorded without per-row results is compared as a whole")
+    ap.add_argument("--update", action="store_true",
+                    help="replace only these sets' entries in the results file and keep the others (each entry "
+                         "records the command that measured it)")
     args = ap.parse_args()
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     if args.timing:
@@ -374,12 +385,14 @@ def main() -> None:
         prev = json.loads(args.reuse_reference.read_text())
         earlier = {s["set"]: s | {"config": prev["config"]} for s in prev["sets"]
                    if prev["config"].get("max_rows") == args.max_rows and prev["config"].get("seed") == args.seed}
-    results = []
+    out = args.out or RESULTS / "advise.json"
+    results = json.loads(out.read_text())["sets"] if args.update and out.is_file() else []
     for s in args.sets:  # saved after every set: a long run stopped half-way keeps what it measured
-        results.append(run_set(s, args.work, args.limit, args.budget, args.seed, args.max_rows, args.ft_folds,
-                               earlier.get(s)))
-        save({"config": config, "target_gap": GAP, "cpus": os.cpu_count(), "sets": results},
-             args.out or RESULTS / "advise.json")
+        entry = run_set(s, args.work, args.limit, args.budget, args.seed, args.max_rows, args.ft_folds,
+                        earlier.get(s)) | {"command": set_command(s, config)}
+        at = next((i for i, r in enumerate(results) if r["set"] == s), len(results))
+        results[at : at + 1] = [entry]  # in place of this set's earlier entry (--update), else at the end
+        save({"config": config, "target_gap": GAP, "cpus": os.cpu_count(), "sets": results}, out)
         v = results[-1]["verdict"]
         print(f"  verdict: best {v['best']}, gap {100 * v['gap']:+.1f} pt, met: {v['met']}", flush=True)
     sys.exit(0 if all(r["verdict"]["met"] for r in results) else 1)
