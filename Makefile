@@ -24,7 +24,8 @@ setup: .setup-done
 demo: setup
 	$(PY) scripts/demo.py --cache $(CACHE)
 
-# one pytest-xdist worker per CPU, each kept to its own CPU; whole modules per worker, the longest first (tests/conftest.py)
+# one pytest-xdist worker per CPU, each kept to its own CPU (tests/__init__.py); whole modules per worker, the longest
+# first (tests/conftest.py)
 test: setup
 	$(PY) -m pytest -q -n auto --dist loadfile --no-loadscope-reorder
 
