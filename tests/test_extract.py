@@ -22,7 +22,7 @@ from featcache.extract.sources import Listing, list_source
 from featcache.extract.spec import fingerprint
 from featcache.store.cache import FeatureCache
 
-from .images import bad_files
+from .images import bad_files, jpeg_bytes, real_photo
 from .tux import per_class_csv
 
 CLI = [sys.executable, "-m", "featcache.cli"]
@@ -227,6 +227,30 @@ def test_sigkill_then_resume_equals_uninterrupted(tux_csv, tmp_path, tux_cache):
     order = {s: i for i, s in enumerate(want.sha256)}
     idx = np.array([order[s] for s in got.sha256])
     np.testing.assert_allclose(got.vectors, want.vectors[idx], rtol=0, atol=1e-4)
+
+
+def test_vectors_of_finds_what_read_returns_and_nothing_else(imagenet_dir, tmp_path, lite0, lite0_embedder):
+    """``predict``'s lookup of a few contents: a failed row, an orphaned content, a row that lacks a tap added
+    later and an unknown hash are left out, as ``read`` leaves them out; the others get ``read``'s vectors."""
+    src, cache = tmp_path / "src", tmp_path / "c"
+    shutil.copytree(imagenet_dir, src / "photos")
+    for name, data in bad_files().items():
+        (src / name).write_bytes(data)
+    run(src, cache, lite0_embedder)
+    photos = sorted((src / "photos").rglob("*.jpg"))
+    photos[0].write_bytes(jpeg_bytes(real_photo(0).rotate(90)))  # its old content loses its key: an orphan
+    photos[1].unlink()  # gone before the stage2 tap is added: its row lacks stage2
+    run(src, cache, Embedder(lite0, ["final", "stage2"], "cpu"))
+    c = FeatureCache(cache)
+    every = c.images().sha256.tolist() + ["0" * 64]
+    for tap, left_out in (("final", len(bad_files()) + 1), ("stage2", len(bad_files()) + 2)):
+        want = c.read(tap=tap)
+        got = c.vectors_of(every, tap=tap)
+        assert len(every) - 1 - len(want) == left_out
+        assert sorted(got) == sorted(want.sha256.tolist())
+        for sha, v in zip(want.sha256.tolist(), want.vectors):
+            np.testing.assert_array_equal(got[sha], v)
+    assert c.vectors_of(["0" * 64]) == {}
 
 
 def test_process_decoding_gives_the_same_vectors(imagenet_dir, imagenet_cache, tmp_path, lite0_embedder):

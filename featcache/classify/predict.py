@@ -16,7 +16,7 @@ import numpy as np
 
 from ..errors import FeatcacheError, FingerprintMismatch, NotFoundError
 from ..hashing import sha256_bytes
-from ..store.cache import FeatureCache, rows_of
+from ..store.cache import FeatureCache
 from .bundle import Member, load_bundle
 
 
@@ -46,11 +46,10 @@ def _cached_vectors(cache: FeatureCache | None, held: list[str], member: Member,
     if cache is None or not shas or member.fingerprint not in held:
         return {}
     try:
-        feats = cache.read(member.fingerprint, member.tap)
+        found = cache.vectors_of(list(shas.values()), member.fingerprint, member.tap)
     except NotFoundError:  # the cache lacks the head's tap: embed
         return {}
-    rows = rows_of(feats.sha256, list(shas.values()))
-    return {i: feats.vectors[r] for i, r in zip(shas, rows) if r >= 0}
+    return {i: found[s] for i, s in shas.items() if s in found}
 
 
 def predict(head_dir: str, images: list[str], cache: str | None = None, device: str = "auto",

@@ -275,6 +275,26 @@ class FeatureCache:
         return Features(fp, tap, np.ascontiguousarray(vectors), imgs.sha256[idx], imgs.key[idx],
                         imgs.label[idx], status[keep], errors[keep], imgs.conflict[idx])
 
+    def vectors_of(self, sha256: list[str], fingerprint: str | None = None, tap: str = "final") -> dict[str, np.ndarray]:
+        """{sha256: vector} of the given contents, for those ``read`` would return, reading only their vectors.
+
+        A lookup of a few images (``predict``) reads the image table's sha256 column and the row -> image
+        column, not the whole vector column: ``read`` of a million-row tap is gigabytes.
+        """
+        _, g, n = self._committed(fingerprint, tap)
+        ig = self._images()
+        image = g["image"][:n]
+        rows = rows_of(image, rows_of(_unicode(ig["sha256"][: int(ig.attrs["rows"])]), sha256))  # -1: not here
+        picked = np.unique(rows[rows >= 0])
+        if not len(picked):
+            return {}
+        status = g["status"].get_coordinate_selection(picked)
+        keys = _unicode(ig["key"].get_coordinate_selection(image[picked]))
+        vectors = g["taps"][tap].get_orthogonal_selection((picked, slice(None)))
+        ok = (status == STATUS_OK) & (keys != "") & ~np.isnan(vectors[:, 0])  # the rows ``read`` keeps
+        kept = {int(r): v for r, v, good in zip(picked, vectors, ok) if good}
+        return {s: kept[int(r)] for s, r in zip(sha256, rows) if int(r) in kept}
+
     def _committed(self, fingerprint: str | None, tap: str) -> tuple[str, zarr.Group, int]:
         """(fingerprint, its group, committed rows of ``tap``): the one place the ledger of a tap is read."""
         fp = self.resolve_fingerprint(fingerprint)
