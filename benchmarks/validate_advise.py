@@ -393,7 +393,7 @@ def main() -> None:
         at = next((i for i, r in enumerate(results) if r["set"] == s), len(results))
         results[at : at + 1] = [entry]  # in place of this set's earlier entry (--update), else at the end
         save({"config": config, "target_gap": GAP, "cpus": os.cpu_count(), "sets": results}, out)
-        v = results[-1]["verdict"]
+        v = entry["verdict"]
         print(f"  verdict: best {v['best']}, gap {100 * v['gap']:+.1f} pt, met: {v['met']}", flush=True)
     sys.exit(0 if all(r["verdict"]["met"] for r in results) else 1)
 
