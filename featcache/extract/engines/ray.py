@@ -47,6 +47,9 @@ if TYPE_CHECKING:
 RAY_HINT = "--engine ray needs Ray: pip install 'featcache[ray]' (or pip install 'ray[data]')"
 LOCAL_STORE_BYTES = 512 * 1024 * 1024  # object store of a cluster started here (pixels of ~3,000 images)
 NEW, CACHED, FAILED, UNREADABLE = "new", "cached", "failed", "unreadable"
+# Read and decode of 1,000 JPEGs as Ray Data tasks took 18.6 s in 16-image blocks, 3.4 s in 64, 2.9 s in 128 (1.9 s
+# in one process; 2-core Zen 3): below ~100 images a block, per-task overhead dominates.
+BLOCK_IMAGES = 128
 
 
 def require_ray(address: str | None = None):
@@ -287,7 +290,9 @@ class RayEngine:
         actors, cpa, gpa, task_cpus = self._resources(ray)
         device = "cuda" if gpa else "cpu"
         batch_size = cfg.batch_size or (64 if gpa else 8)
-        block = 2 * batch_size
+        # Images per block: each block costs a task's scheduling and bookkeeping, so blocks are large (BLOCK_IMAGES),
+        # but never more than one commit (--commit-every keeps its meaning) nor more than an even share per actor.
+        block = max(2 * batch_size, min(BLOCK_IMAGES, cfg.commit_every, -(-len(items) // actors)))
         # one sorted digest array per backbone; boxed: Ray Data does not resolve object refs inside fn_kwargs
         known = [[ray.put(np.array(sorted(writer.known_digests(t.fingerprint)), dtype="S32"))] for t in ex.targets]
         rows = [{"path": os.fsencode(str(it.path)), "key": it.key, "label": it.label} for it in items]
