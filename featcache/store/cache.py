@@ -266,9 +266,7 @@ class FeatureCache:
         if include_failed:
             keep = np.ones(n, bool)
         else:
-            keep = (status == STATUS_OK) & (imgs.key[image] != "")
-            if n:
-                keep &= ~np.isnan(vectors[:, 0])
+            keep = _kept(status, imgs.key[image], vectors)
         idx = image[keep]
         if not keep.all():  # a raw-activation tap can be gigabytes: copy only when rows are dropped
             vectors = vectors[keep]
@@ -291,8 +289,7 @@ class FeatureCache:
         status = g["status"].get_coordinate_selection(picked)
         keys = _unicode(ig["key"].get_coordinate_selection(image[picked]))
         vectors = g["taps"][tap].get_orthogonal_selection((picked, slice(None)))
-        ok = (status == STATUS_OK) & (keys != "") & ~np.isnan(vectors[:, 0])  # the rows ``read`` keeps
-        kept = {int(r): v for r, v, good in zip(picked, vectors, ok) if good}
+        kept = {int(r): v for r, v, good in zip(picked, vectors, _kept(status, keys, vectors)) if good}
         return {s: kept[int(r)] for s, r in zip(sha256, rows) if int(r) in kept}
 
     def _committed(self, fingerprint: str | None, tap: str) -> tuple[str, zarr.Group, int]:
@@ -527,6 +524,14 @@ def strings(values) -> np.ndarray:
     printable: names themselves arrive here already through ``names.encode_name``.
     """
     return np.array([v if v.isascii() else printable(v) for v in values], dtype=np.dtypes.StringDType())
+
+
+def _kept(status: np.ndarray, keys: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+    """Which rows ``read`` returns: decoded (status ok), still some file's content (a key), this tap computed (not NaN)."""
+    keep = (status == STATUS_OK) & (keys != "")
+    if len(keep):
+        keep &= ~np.isnan(vectors[:, 0])
+    return keep
 
 
 def _unicode(values: np.ndarray) -> np.ndarray:
