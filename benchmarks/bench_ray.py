@@ -3,10 +3,14 @@
 One run, the same 1,000 JPEGs of 500x375 (made from the 20 real ImageNet photos, as in
 bench_extract.py), default Lite0, fresh caches:
 
-  local           featcache extract --engine local
-  ray, running    --engine ray on a Ray cluster already running on this machine (the cluster's
-                  start is timed apart: a cluster is a long-lived service)
-  ray, own        --engine ray starting (and stopping) a one-machine cluster itself
+  end to end (the target)  the commands users run, each a new process, alternated twice:
+                  featcache extract SRC --cache C                     (local engine)
+                  featcache extract SRC --cache C --engine ray --ray-address HOST:PORT
+                  against a cluster already running (`ray start --head`, its start timed apart:
+                  a cluster is a long-lived service; loopback only, so without token auth)
+  in one process  Extraction(...).run() in this process, whose model libraries are already
+                  imported (the Python API called twice): local, ray on a cluster this process
+                  started, ray starting (and stopping) its own cluster, local again
 
 and the writer's capacity with a stand-in embedder (random 1280-d float32 vectors, no model):
 
@@ -22,10 +26,13 @@ Writes benchmarks/results/ray.json and prints a markdown table.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
+import json
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -44,6 +51,9 @@ from featcache.runtime import available_cpus  # noqa: E402
 from featcache.store.cache import FeatureCache  # noqa: E402
 
 DIM = 1280
+# The cluster of the end-to-end runs and its drivers: loopback only, so without the token auth that Ray 2.59+
+# asks for by default (and that an in-process ray.init leaves switched on in os.environ).
+LOOPBACK_ENV = {"RAY_AUTH_MODE": "disabled"}
 
 
 def extract(src: Path, cache: Path, **kw) -> dict:
@@ -53,6 +63,45 @@ def extract(src: Path, cache: Path, **kw) -> dict:
     assert s["extracted"] == s["files"], s
     return {"wall_s": round(wall, 2), "images_per_s": round(s["extracted"] / wall, 2), "timings": s["timings"],
             "fingerprint": s["fingerprint"]}
+
+
+def cli_extract(src: Path, cache: Path, *flags: str) -> dict:
+    """``featcache extract`` as a user runs it: a new process, timed from start to exit."""
+    t = time.perf_counter()
+    out = subprocess.run([sys.executable, "-m", "featcache.cli", "extract", str(src), "--cache", str(cache), "--json",
+                          "-q", *flags], capture_output=True, text=True, timeout=900, env={**os.environ, **LOOPBACK_ENV})
+    wall = time.perf_counter() - t
+    assert out.returncode == 0, out.stderr[-2000:]
+    s = json.loads(out.stdout)
+    assert s["extracted"] == s["files"], s
+    return {"wall_s": round(wall, 2), "images_per_s": round(s["extracted"] / wall, 2), "fingerprint": s["fingerprint"]}
+
+
+@contextlib.contextmanager
+def ray_start(port: int = 6391):
+    """A one-machine cluster as `ray start --head` runs one (other processes), on loopback; stopped after."""
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    env = {**os.environ, **LOOPBACK_ENV}
+    t = time.perf_counter()
+    subprocess.run([ray_bin, "start", "--head", "--port", str(port), "--num-cpus", str(available_cpus()),
+                    "--node-ip-address", "127.0.0.1", "--include-dashboard", "false",
+                    "--object-store-memory", str(512 * 2**20)], env=env, check=True, capture_output=True)
+    try:
+        yield f"127.0.0.1:{port}", round(time.perf_counter() - t, 2)
+    finally:
+        subprocess.run([ray_bin, "stop"], env=env, capture_output=True)
+
+
+def end_to_end(src: Path, work: Path) -> dict:
+    """local and ray commands alternated twice against one running cluster; the ratio of mean images/s."""
+    runs: dict = {"local": [], "ray": []}
+    with ray_start() as (address, started):
+        for i in range(2):
+            runs["local"].append(cli_extract(src, work / f"cli-local{i}"))
+            runs["ray"].append(cli_extract(src, work / f"cli-ray{i}", "--engine", "ray", "--ray-address", address))
+    mean = {k: sum(r["images_per_s"] for r in v) / len(v) for k, v in runs.items()}
+    assert {r["fingerprint"] for v in runs.values() for r in v} == {runs["local"][0]["fingerprint"]}
+    return {**runs, "cluster_start_s": started, "ray_vs_local": round(mean["ray"] / mean["local"], 3)}
 
 
 def _standin_writer(root: Path, commit_every: int) -> tuple[FeatureCache, CacheWriter]:
@@ -154,16 +203,24 @@ def main() -> None:
         res["local_again"] = extract(src, work / "local2")
         res["writer_alone"] = [writer_alone(work / f"w-{c}-{feed}", args.writer_rows, c, feed)
                                for c in (512, 4096) for feed in ("batch", "row")]
+        res["end_to_end"] = end_to_end(src, work)
         local = (res["local"]["images_per_s"] + res["local_again"]["images_per_s"]) / 2
-        res["ratios"] = {"ray_running_vs_local": round(res["ray_running"]["images_per_s"] / local, 3),
+        res["ratios"] = {"end_to_end": res["end_to_end"]["ray_vs_local"],
+                         "ray_running_vs_local": round(res["ray_running"]["images_per_s"] / local, 3),
                          "ray_own_cluster_vs_local": round(res["ray_own_cluster"]["images_per_s"] / local, 3)}
-        same = FeatureCache(work / "local").read(), FeatureCache(work / "ray-running").read()
-        a, b = (f.vectors[np.argsort(f.sha256)] for f in same)
-        res["min_cosine_ray_vs_local"] = float(((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).min())
+        res["min_cosine_ray_vs_local"] = min(min_cosine(work / "local", work / ray) for ray in ("ray-running", "cli-ray0"))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     save(res, args.out)
     print(markdown(res))
+
+
+def min_cosine(a: Path, b: Path) -> float:
+    """The smallest cosine between the two caches' vectors of the same contents (the row sets must be equal)."""
+    fa, fb = FeatureCache(a).read(), FeatureCache(b).read()
+    assert sorted(fa.sha256.tolist()) == sorted(fb.sha256.tolist())
+    va, vb = (f.vectors[np.argsort(f.sha256)] for f in (fa, fb))
+    return float(((va * vb).sum(1) / np.linalg.norm(va, axis=1) / np.linalg.norm(vb, axis=1)).min())
 
 
 def _cpu_model() -> str:
@@ -176,8 +233,12 @@ def _cpu_model() -> str:
 def markdown(r: dict) -> str:
     rows = [("local engine", r["local"]), ("ray, cluster already running", r["ray_running"]),
             ("ray, starting its own cluster", r["ray_own_cluster"]), ("local engine again", r["local_again"])]
+    e = r["end_to_end"]
     lines = [f"{r['images']} JPEGs, {r['machine']['cpu']}, {r['machine']['cpus']} CPUs, Ray {r['machine']['ray']}",
-             "", "| run | wall s | images/s |", "|---|---|---|"]
+             "", "| command (new process each) | wall s | images/s |", "|---|---|---|"]
+    lines += [f"| featcache extract --engine {k} ({i + 1}) | {x['wall_s']} | {x['images_per_s']} |"
+              for i in range(len(e["local"])) for k, x in (("local", e["local"][i]), ("ray", e["ray"][i]))]
+    lines += ["", f"end to end: ray/local {e['ray_vs_local']}x", "", "| in one process | wall s | images/s |", "|---|---|---|"]
     lines += [f"| {name} | {x['wall_s']} | {x['images_per_s']} |" for name, x in rows]
     lines += ["", f"cluster start (not in 'already running'): {r['cluster_start_s']} s; ratios: {r['ratios']}; "
               f"min cosine ray vs local {r['min_cosine_ray_vs_local']:.7f}", "",

@@ -21,7 +21,7 @@ from . import runtimes
 from .backbone import RAW, Backbone
 from .runtimes.calibration import MIN_CALIBRATION_IMAGES, Calibration
 from .runtimes.torch_runner import Normalised, TorchRunner
-from .spec import PRECISIONS, fingerprint
+from .spec import PRECISIONS, BackboneSpec, fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +195,13 @@ class Embedder:
     def describe(self) -> dict:
         return {"fingerprint": self.fingerprint, "backbone": self.spec.name, "device": str(self.device),
                 "runtime": self.runtime, "precision": self.precision, "taps": self.taps}
+
+
+def new_embedder(spec: BackboneSpec, taps: list[str], device: str = "auto", precision: str = "auto",
+                 runtime: str = "auto", source: str | None = None, threads: int | None = None) -> Embedder:
+    """A first run's embedder: runtime and precision chosen (``auto``), int8 calibrated on ``source``'s images."""
+    calibration = (lambda: Calibration.from_source(source)) if source else None
+    return Embedder(Backbone.load(spec), taps, device, precision, threads, runtime=runtime, calibration=calibration)
 
 
 def embedder_for(description: dict, canon: dict, taps: list[str] | None = None, device: str = "auto",

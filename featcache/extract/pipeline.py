@@ -162,30 +162,51 @@ class Extraction:
             require_ray(cfg.ray_address)
         if embedder is None:
             names = [cfg.backbone] if isinstance(cfg.backbone, str) else list(cfg.backbone)
-            held = _existing(cfg.cache)
-            self.targets = [self._target(resolve(n, cfg.weights), held) for n in dict.fromkeys(names)]
+            self.specs = [resolve(n, cfg.weights) for n in dict.fromkeys(names)]
+            self.targets: list[Target] | None = None
         else:
             self.targets = [Target.built(e) for e in (embedder if isinstance(embedder, list) else [embedder])]
+            self.specs = [t.spec for t in self.targets]
+        self.preprocess = [s.preprocess for s in self.specs]
+        if cfg.engine != "ray":  # the Ray engine resolves them while its cluster starts its actors
+            self._resolve()
+        self.workers = cfg.workers or available_cpus()
+        self.timings: Counter = Counter()
+
+    def _resolve(self) -> list[Target]:
+        """The targets: fingerprints known, models built for backbones the cache does not hold yet."""
+        if self.targets is None:
+            held = _existing(self.cfg.cache)
+            self.targets = [self._target(spec, held) for spec in self.specs]
         fps = [t.fingerprint for t in self.targets]
         if len(set(fps)) != len(fps):
             raise UsageError("two of the backbones give the same fingerprint (the same network, weights and "
                              "preprocessing): name each once")
-        self.preprocess = [t.spec.preprocess for t in self.targets]
-        self.workers = cfg.workers or available_cpus()
-        self.timings: Counter = Counter()
+        return self.targets
 
     def _target(self, spec: BackboneSpec, held: FeatureCache | None) -> Target:
         cfg = self.cfg
-        kept = kept_group(held, spec, cfg.runtime, cfg.precision) if held is not None else None
+        kept = self._kept(spec, held)
         if kept is not None:
-            return Target.kept(spec, cfg.taps, kept, cfg.device, cfg.cache)
-        from .backbone import Backbone
-        from .embedder import Embedder
-        from .runtimes.calibration import Calibration
+            return kept
+        from .embedder import new_embedder
 
-        calibration = (lambda: Calibration.from_source(cfg.source)) if cfg.source else None
-        return Target.built(Embedder(Backbone.load(spec), cfg.taps, cfg.device, cfg.precision, runtime=cfg.runtime,
-                                     calibration=calibration))
+        return Target.built(new_embedder(spec, cfg.taps, cfg.device, cfg.precision, cfg.runtime, cfg.source))
+
+    def _kept(self, spec: BackboneSpec, held: FeatureCache | None) -> Target | None:
+        cfg = self.cfg
+        kept = kept_group(held, spec, cfg.runtime, cfg.precision) if held is not None else None
+        return Target.kept(spec, cfg.taps, kept, cfg.device, cfg.cache) if kept is not None else None
+
+    def known_targets(self, cache: FeatureCache) -> list[Target | None]:
+        """Each backbone's target where no model is needed to know its fingerprint (embedders given, groups
+        the cache holds), group opened; None for a backbone new to the cache (the Ray engine's actors
+        build those, and say which fingerprint they made: ``Target.kept`` of it then)."""
+        targets = self.targets or [self._kept(spec, cache) for spec in self.specs]
+        for t in targets:
+            if t is not None:
+                t.open(cache, self.cfg.commit_every)
+        return list(targets)
 
     @property
     def gpu(self) -> bool:
@@ -216,19 +237,28 @@ class Extraction:
         summary["images_per_second"] = round(summary["extracted"] / max(summary["timings"].get("extract", 0), 1e-9), 2)
         return summary
 
-    def _run(self, cache: FeatureCache, listing: Listing) -> dict:
-        for t in self.targets:
-            t.open(cache, self.cfg.commit_every)
-        writer = CacheWriter(cache, {t.fingerprint: t.group for t in self.targets}, self.cfg.commit_every)
+    def prepare(self, cache: FeatureCache, listing: Listing) -> tuple[CacheWriter, Progress]:
+        """Targets resolved, their groups opened, the writer and the progress: what an engine does first
+        (the Ray engine while its actors start)."""
+        t0 = time.perf_counter()
+        targets = self._resolve()
+        for t in targets:
+            if t.group is None:
+                t.open(cache, self.cfg.commit_every)
+        writer = CacheWriter(cache, {t.fingerprint: t.group for t in targets}, self.cfg.commit_every)
         for f in listing.failed:
             writer.unreadable(f["key"], f["error"])
-        total = len(listing.items) + sum(t.group.rows - t.catch_up.start for t in self.targets if t.catch_up)
-        name = "+".join(t.spec.name for t in self.targets)
+        total = len(listing.items) + sum(t.group.rows - t.catch_up.start for t in targets if t.catch_up)
+        name = "+".join(t.spec.name for t in targets)
         progress = Progress(total, f"extract {name}", self.cfg.progress and total > 0)
+        self.timings["prepare"] += time.perf_counter() - t0
+        return writer, progress
+
+    def _run(self, cache: FeatureCache, listing: Listing) -> dict:
         t0 = time.perf_counter()
-        self._engine().run(writer, listing.items, progress)
+        writer, progress = self._engine().run(cache, listing)
         progress.close()
-        self.timings["extract"] += time.perf_counter() - t0
+        self.timings["extract"] += time.perf_counter() - t0 - self.timings["prepare"]
         self.timings.update(writer.timings)
         backbones = []
         for t in self.targets:

@@ -122,10 +122,6 @@ class CacheWriter:
         """The fingerprints that have no row for image ``row`` yet: the model work it needs."""
         return frozenset(fp for fp, rows in self.in_group.items() if row not in rows)
 
-    def known_digests(self, fingerprint: str) -> list[bytes]:
-        """Raw sha256 digests of the contents ``fingerprint`` holds (what an engine can skip)."""
-        return [bytes.fromhex(self.sha[r]) for r in self.in_group[fingerprint]]
-
     def register(self, item: Item, sha256: str) -> tuple[str, int]:
         """("new" | "known" | "duplicate", image row) for a file that was read."""
         return self.register_many([item], [sha256])[0]

@@ -25,7 +25,9 @@ from ..writer import CacheWriter
 
 if TYPE_CHECKING:
     from ...progress import Progress
+    from ...store.cache import FeatureCache
     from ..pipeline import Extraction, Target
+    from ..sources import Listing
 
 WINDOW_BYTES = 256 * 1024 * 1024  # file bytes held in memory at once (besides a single larger file)
 
@@ -68,7 +70,13 @@ class LocalEngine:
         known = self.ex.loaded or self.cfg.device == "cpu" or self.cfg.batch_size
         return max(64, 4 * (self.batch_size if known else 8))
 
-    def run(self, writer: CacheWriter, items: list[Item], progress: Progress, new: bool = True) -> None:
+    def run(self, cache: FeatureCache, listing: Listing) -> tuple[CacheWriter, Progress]:
+        """The extraction prepared (targets, writer), then its work."""
+        writer, progress = self.ex.prepare(cache, listing)
+        self.process(writer, listing.items, progress)
+        return writer, progress
+
+    def process(self, writer: CacheWriter, items: list[Item], progress: Progress, new: bool = True) -> None:
         """Taps added to existing rows first (each fingerprint's catch-up), then the listed files."""
         with ThreadPoolExecutor(self.ex.workers, thread_name_prefix="featcache") as pool, contextlib.ExitStack() as stack:
             self.pool, self._stack, self._decoders = pool, stack, None

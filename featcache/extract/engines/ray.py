@@ -6,9 +6,14 @@
   fingerprint already holds (a sorted array of sha256 digests, one ``ray.put``) keeps its row
   but loses its bytes there, so it never reaches the model; its metadata still reaches the
   writer, which refreshes moved or renamed files exactly as the local engine does.
-- Each actor builds its ``Embedder`` once, lazily (a run with nothing new loads no model), from
-  the stored spec and checks that it reproduces the driver's fingerprint, so a node running other
-  code fails loudly instead of writing other vectors.
+- The driver loads no model. A backbone the cache holds is rebuilt by each actor from the stored
+  spec, which checks that it reproduces the stored fingerprint (a node running other code fails
+  loudly instead of writing other vectors). A backbone new to the cache is built by the actors as a
+  first local run builds it (``embedder.new_embedder``: runtime and precision chosen, int8
+  calibrated on SOURCE); each batch says which fingerprint it was made with, the driver opens the
+  group at the first batch and refuses a batch of another one (nodes that chose differently).
+  So a job's model libraries are imported and its model built once per actor, not also in the
+  driver: on a small cluster that is most of a job's start-up.
 - On a CPU-only cluster each node gets one actor holding all its CPUs (the local engine's shape:
   one model per machine), and the read and decode tasks ask for the same resources, so Ray Data
   fuses the three stages into the actor processes: no pixels cross the object store, and each
@@ -23,6 +28,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import time
@@ -42,7 +48,9 @@ from ..writer import CacheWriter
 
 if TYPE_CHECKING:
     from ...progress import Progress
-    from ..pipeline import Extraction
+    from ...store.cache import FeatureCache, FeatureGroup
+    from ..pipeline import Extraction, Target
+    from ..sources import Listing
 
 RAY_HINT = "--engine ray needs Ray: pip install 'featcache[ray]' (or pip install 'ray[data]')"
 LOCAL_STORE_BYTES = 512 * 1024 * 1024  # object store of a cluster started here (pixels of ~3,000 images)
@@ -84,6 +92,12 @@ def _known(box: list) -> np.ndarray:
             _KNOWN.clear()
         _KNOWN[key] = ray.get(box[0])
     return _KNOWN[key]
+
+
+def _digests(cache: FeatureCache, group: FeatureGroup) -> np.ndarray:
+    """The sorted raw sha256 digests of the contents ``group`` holds (what the stages skip)."""
+    sha = cache.images().sha256
+    return np.array(sorted(bytes.fromhex(sha[r]) for r in group.image_rows().tolist()), dtype="S32")
 
 
 def _holds(known: np.ndarray, digest: bytes) -> bool:
@@ -151,14 +165,18 @@ def decode_batch(batch: dict, preprocess: list[dict], max_pixels: int, threads: 
 
 
 class EmbedActor:
-    """One embedder per backbone per actor (from the stored spec, its fingerprint checked against the
-    driver's). A backbone that surely has new images (``eager``: more files listed than it holds) is
-    built at once, in a thread, while the first files are read and decoded; the others on the first
-    image that needs one."""
+    """One embedder per backbone per actor: rebuilt from the stored spec (its fingerprint checked), or,
+    for a backbone new to the cache (``new``), built as a first run builds it, its fingerprint then
+    reported with every batch (``report:K``). A backbone that surely has new images (``eager``: more
+    files listed than it holds) is built at once, in a thread, while the first files are read and
+    decoded; the others on the first image that needs one. A build error is raised by the batch that
+    needs the backbone."""
 
     def __init__(self, targets: list[dict], device: str, threads: int, batch_size: int):
         self.targets, self.device, self.threads, self.batch_size = targets, device, threads, batch_size
         self.embedders: dict[int, object] = {}
+        self.reports: dict[int, str] = {}
+        self.taps = {k: t.get("taps") for k, t in enumerate(targets)}  # {tap: dim}; a new backbone's once built
         eager = [k for k, t in enumerate(targets) if t["eager"]]
         self.building = {}
         if eager:
@@ -174,15 +192,24 @@ class EmbedActor:
     def _build(self, k: int):
         import torch
 
-        from ..embedder import embedder_for
+        from ..embedder import embedder_for, new_embedder
+        from ..registry import spec_from_description
 
         t = self.targets[k]
         torch.set_num_threads(self.threads)
-        emb = embedder_for(t["description"], t["canon"], sorted(t["taps"]), self.device, self.threads,
-                           runtime=t["runtime"], cache=t["cache"])
-        if emb.fingerprint != t["fingerprint"]:
-            raise FingerprintMismatch(f"a Ray worker computes fingerprint {emb.fingerprint}, the driver "
-                                      f"{t['fingerprint']}: install the same featcache and weights on every node")
+        if "new" in t:
+            n = t["new"]
+            emb = new_embedder(spec_from_description(n["description"]), n["taps"], self.device, n["precision"],
+                               n["runtime"], n["source"], self.threads)
+            self.taps[k] = emb.backbone.tap_dims(n["taps"])
+            self.reports[k] = json.dumps({"fingerprint": emb.fingerprint, "canon": emb.canon,
+                                          "runtime": emb.runtime, "taps": self.taps[k]})
+        else:
+            emb = embedder_for(t["description"], t["canon"], sorted(t["taps"]), self.device, self.threads,
+                               runtime=t["runtime"], cache=t["cache"])
+            if emb.fingerprint != t["fingerprint"]:
+                raise FingerprintMismatch(f"a Ray worker computes fingerprint {emb.fingerprint}, the driver "
+                                          f"{t['fingerprint']}: install the same featcache and weights on every node")
         emb.runner  # noqa: B018 - the forward pass prepared (compiled) here, not in the first batch
         return emb
 
@@ -193,7 +220,10 @@ class EmbedActor:
         out = {c: v for c, v in batch.items() if not c.startswith("pixels:")}
         busy = 0.0
         for k, target in enumerate(self.targets):
-            vectors = {tap: np.full((n, dim), np.nan, np.float32) for tap, dim in target["taps"].items()}
+            if "new" in target:  # its taps and fingerprint are this actor's to say
+                self._embedder(k)
+                out[f"report:{k}"] = np.array([self.reports[k]] + [""] * (n - 1))
+            vectors = {tap: np.full((n, dim), np.nan, np.float32) for tap, dim in self.taps[k].items()}
             todo = np.flatnonzero((batch["status"] == NEW) & batch["need"][:, k])
             if len(todo):
                 t = time.perf_counter()
@@ -218,26 +248,80 @@ class RayEngine:
         self.ex = ex
         self.cfg = ex.cfg
 
-    def run(self, writer: CacheWriter, items: list[Item], progress: Progress) -> None:
+    def run(self, cache: FeatureCache, listing: Listing) -> tuple[CacheWriter, Progress]:
+        """Stream the listed files through the cluster; the writer is made once the stream says which
+        fingerprints the actors built (at the first batch)."""
         ray = require_ray(self.cfg.ray_address)
         logging.getLogger("ray.data").setLevel(logging.ERROR)
+        if not listing.items:  # nothing listed: no cluster (taps to catch up are computed here)
+            writer, progress = self.ex.prepare(cache, listing)
+            self._catch_up(writer, progress)
+        else:
+            with self._connected(ray):
+                writer, progress = self._stream(ray, cache, listing)
+        writer.commit()
+        return writer, progress
+
+    def _stream(self, ray, cache: FeatureCache, listing: Listing) -> tuple[CacheWriter, Progress]:
+        known = self.ex.known_targets(cache)
+        # one sorted digest array per backbone; boxed: Ray Data does not resolve object refs inside fn_kwargs
+        held = [[ray.put(_digests(cache, t.group) if t else np.array([], dtype="S32"))] for t in known]
+        ds = self._dataset(ray, listing.items, [self._describe(t, k, len(listing.items)) for k, t in enumerate(known)],
+                           held)
+        writer = progress = None
+        waiting: list[dict] = []
+        try:
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1):
+                if writer is None:
+                    waiting.append(batch)
+                    if not self._resolved(known, waiting):
+                        continue
+                    writer, progress = self.ex.prepare(cache, listing)
+                    self._catch_up(writer, progress)
+                for b in waiting or [batch]:
+                    self._consume(b, writer, progress)
+                waiting = []
+        except Exception as e:  # a featcache error inside a stage: the same one-line error as locally
+            cause = getattr(e, "cause", None)
+            if isinstance(cause, FeatcacheError):
+                raise type(cause)(str(cause)) from None
+            raise
+        if writer is None:
+            raise FeatcacheError("the Ray actors never said which fingerprint they built")
+        return writer, progress
+
+    def _describe(self, t: Target | None, k: int, files: int) -> dict:
+        """What an actor builds backbone ``k`` from: the target's stored spec and fingerprint, or ``new``."""
+        cfg = self.cfg
+        if t is not None:
+            return {**t.description(), "taps": dict(t.group.taps), "cache": cfg.cache, "eager": files > t.group.rows}
+        source = os.path.abspath(cfg.source) if cfg.source else None  # workers do not share the driver's cwd
+        return {"new": {"description": self.ex.specs[k].describe(), "taps": list(dict.fromkeys(cfg.taps)),
+                        "precision": cfg.precision, "runtime": cfg.runtime, "source": source}, "eager": True}
+
+    def _resolved(self, known: list[Target | None], batches: list[dict]) -> bool:
+        """The targets of backbones new to the cache, from the actors' reports; False until every one has one."""
+        from ..keep import Kept
+        from ..pipeline import Target
+
+        targets = list(known)
+        for k, t in enumerate(known):
+            if t is None:
+                reports = [r for b in batches for r in b[f"report:{k}"] if r]
+                if not reports:
+                    return False
+                r = json.loads(reports[0])
+                targets[k] = Target.kept(self.ex.specs[k], self.cfg.taps,
+                                         Kept(r["fingerprint"], r["canon"], r["runtime"], r["taps"]),
+                                         self.cfg.device, self.cfg.cache)
+        self.ex.targets = targets
+        return True
+
+    def _catch_up(self, writer: CacheWriter, progress: Progress) -> None:
         if any(t.catch_up is not None for t in self.ex.targets):  # taps added to existing rows: computed here
             from .local import LocalEngine
 
-            LocalEngine(self.ex).run(writer, [], progress, new=False)
-        if not items:
-            return
-        with self._connected(ray):
-            try:
-                for batch in self._dataset(ray, writer, items).iter_batches(
-                        batch_size=None, batch_format="numpy", prefetch_batches=1):
-                    self._consume(batch, writer, progress)
-            except Exception as e:  # a featcache error inside a stage: the same one-line error as locally
-                cause = getattr(e, "cause", None)
-                if isinstance(cause, FeatcacheError):
-                    raise type(cause)(str(cause)) from None
-                raise
-        writer.commit()
+            LocalEngine(self.ex).process(writer, [], progress, new=False)
 
     @contextlib.contextmanager
     def _connected(self, ray):
@@ -276,7 +360,7 @@ class RayEngine:
         task_cpus = 1.0 if gpa else cpa  # equal to the actors' on a CPU cluster: Ray Data fuses the stages
         return actors, cpa, gpa, task_cpus
 
-    def _dataset(self, ray, writer: CacheWriter, items: list[Item]):
+    def _dataset(self, ray, items: list[Item], targets: list[dict], held: list[list]):
         from ray.data import ActorPoolStrategy, DataContext
 
         ctx = DataContext.get_current()
@@ -293,13 +377,9 @@ class RayEngine:
         # Images per block: each block costs a task's scheduling and bookkeeping, so blocks are large (BLOCK_IMAGES),
         # but never more than one commit (--commit-every keeps its meaning) nor more than an even share per actor.
         block = max(2 * batch_size, min(BLOCK_IMAGES, cfg.commit_every, -(-len(items) // actors)))
-        # one sorted digest array per backbone; boxed: Ray Data does not resolve object refs inside fn_kwargs
-        known = [[ray.put(np.array(sorted(writer.known_digests(t.fingerprint)), dtype="S32"))] for t in ex.targets]
         rows = [{"path": os.fsencode(str(it.path)), "key": it.key, "label": it.label} for it in items]
-        targets = [{**t.description(), "taps": dict(t.group.taps), "cache": ex.cfg.cache,
-                    "eager": len(items) > t.group.rows} for t in ex.targets]
         ds = ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // block)))
-        ds = ds.map_batches(read_batch, fn_kwargs={"known_boxes": known, "max_bytes": cfg.max_file_bytes},
+        ds = ds.map_batches(read_batch, fn_kwargs={"known_boxes": held, "max_bytes": cfg.max_file_bytes},
                             batch_size=block, batch_format="numpy", num_cpus=task_cpus)
         ds = ds.map_batches(decode_batch, fn_kwargs={"preprocess": [asdict(p) for p in ex.preprocess],
                                                      "max_pixels": cfg.max_pixels,
@@ -315,6 +395,12 @@ class RayEngine:
         for stage, col in (("hash", "t_read"), ("decode", "t_decode"), ("model", "t_model")):
             timings[stage] += float(b[col].sum())  # CPU-seconds summed over the cluster's workers
         taps = [(k, t.fingerprint, list(t.group.taps)) for k, t in enumerate(self.ex.targets)]
+        for k, fp, _ in taps:  # a new backbone's fingerprint, as the actor that made this batch built it
+            for r in set(b.get(f"report:{k}", ())) - {""}:
+                if json.loads(r)["fingerprint"] != fp:
+                    raise FingerprintMismatch(
+                        f"Ray actors built {self.ex.specs[k].name} as two fingerprints ({fp} and "
+                        f"{json.loads(r)['fingerprint']}): their nodes chose differently; give --runtime and --precision")
         for i in range(len(b["key"])):
             status, key = str(b["status"][i]), str(b["key"][i])
             if status == UNREADABLE:
