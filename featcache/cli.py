@@ -21,6 +21,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 
 from .errors import FeatcacheError, ImageError, NotFoundError, UsageError
@@ -120,7 +121,8 @@ def cmd_extract(args: argparse.Namespace) -> dict:
     listing = list_source(args.source, args.labels)  # before the model loads: an empty SOURCE fails at once
     if not listing.items:
         raise NotFoundError(_no_images(args.source, listing))
-    with loading(" + ".join(dict.fromkeys(args.backbone))):
+    models = " + ".join(dict.fromkeys(args.backbone))
+    with loading(models) if args.engine == "local" else nullcontext():  # Ray: the actors load the models
         from .extract.pipeline import ExtractConfig, Extraction
 
         cfg = ExtractConfig(

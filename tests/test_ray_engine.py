@@ -19,6 +19,7 @@ import numpy as np
 import psutil
 import pytest
 
+from featcache.errors import UsageError
 from featcache.extract.pipeline import ExtractConfig, Extraction
 from featcache.store.cache import FeatureCache
 
@@ -90,6 +91,27 @@ def test_ray_equals_local_on_real_photos_and_hostile_files(ray_cluster, imagenet
     assert local["failed"] == len(bad_files()) + 2  # the FIFO and /dev/zero are never opened
     _assert_same_rows(tmp_path / "local", tmp_path / "ray")
     assert {"hash", "decode", "model", "write", "ray_connect"} <= set(ray_["timings"])
+
+
+def test_a_backbone_new_to_the_cache_is_built_by_the_actors_not_the_driver(ray_cluster, imagenet_dir, tmp_path,
+                                                                          lite0_embedder):
+    """No embedder given, an empty cache: the actors build Lite0 as a first local run would (auto
+    runtime and precision), the driver loads no model and takes the fingerprint they report."""
+    local = run(imagenet_dir, tmp_path / "local", lite0_embedder)
+    ray_ = Extraction(ExtractConfig(str(imagenet_dir), str(tmp_path / "ray"), progress=False, engine="ray",
+                                    ray_address=ray_cluster.address, batch_size=4)).run()
+    assert ray_["fingerprint"] == local["fingerprint"] and ray_["extracted"] == local["extracted"] == 20
+    assert ray_["model_loaded"] is False, "the driver built a model"
+    _assert_same_rows(tmp_path / "local", tmp_path / "ray")
+
+
+def test_a_precision_the_actors_cannot_run_fails_before_they_start(ray_cluster, imagenet_dir, tmp_path):
+    cfg = ExtractConfig(str(imagenet_dir), str(tmp_path / "c"), progress=False, engine="ray",
+                        ray_address=ray_cluster.address, precision="fp16")  # a CPU-only cluster
+    before = set(_ray_actor_pids(ray_cluster))  # a finished job's actors may still be exiting
+    with pytest.raises(UsageError, match=r"^--precision fp16 needs a CUDA device"):
+        Extraction(cfg).run()
+    assert set(_ray_actor_pids(ray_cluster)) <= before, "actors were started for a job that cannot run"
 
 
 def test_ray_grown_collection_extracts_only_new_files(ray_cluster, tmp_path, lite0_embedder, local60):

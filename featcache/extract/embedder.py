@@ -21,7 +21,7 @@ from . import runtimes
 from .backbone import RAW, Backbone
 from .runtimes.calibration import MIN_CALIBRATION_IMAGES, Calibration
 from .runtimes.torch_runner import Normalised, TorchRunner
-from .spec import PRECISIONS, BackboneSpec, fingerprint
+from .spec import BackboneSpec, fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +39,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     """On CUDA, ``auto`` is bf16 (fp16 on pre-Ampere); the CPU's ``auto`` is the gate's choice (runtimes.choice)."""
     if precision == "auto" and device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if precision != "auto" and precision not in PRECISIONS:
-        raise UsageError(f"--precision must be auto or one of {PRECISIONS}, got {precision!r}")
-    if precision == "fp16" and device.type == "cpu":
-        raise UsageError("--precision fp16 needs a CUDA device; on CPU use fp32, bf16 or int8")
-    if precision == "int8" and device.type != "cpu":
-        raise UsageError("--precision int8 runs on the CPU (OpenVINO); on a GPU use bf16 or fp16")
+    runtimes.check_precision(precision, device.type)
     return precision
 
 

@@ -41,6 +41,7 @@ import numpy as np
 
 from ...errors import FeatcacheError, FingerprintMismatch, UsageError
 from ...runtime import available_cpus
+from ..runtimes import check_precision
 from ..sources import Item
 from ..spec import Preprocess
 from ..stages import decode_bytes, read_file
@@ -373,6 +374,8 @@ class RayEngine:
         ex, cfg = self.ex, self.cfg
         actors, cpa, gpa, task_cpus = self._resources(ray)
         device = "cuda" if gpa else "cpu"
+        if any("new" in t for t in targets):  # what the actors would fail on, said before they start
+            check_precision(cfg.precision, device)
         batch_size = cfg.batch_size or (64 if gpa else 8)
         # Images per block: each block costs a task's scheduling and bookkeeping, so blocks are large (BLOCK_IMAGES),
         # but never more than one commit (--commit-every keeps its meaning) nor more than an even share per actor.

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from ...errors import UsageError
+from ..spec import PRECISIONS
 
 if TYPE_CHECKING:
     import numpy as np
@@ -50,6 +51,16 @@ def check_device(device: str) -> None:
     """A clear UsageError for a --device that is none of auto, cpu, cuda[:N] (checked before torch is imported)."""
     if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
         raise UsageError(f"--device must be auto, cpu or cuda, got {device!r}")
+
+
+def check_precision(precision: str, device_type: str) -> None:
+    """A clear UsageError for a --precision that cannot run on this kind of device (torch-free)."""
+    if precision != "auto" and precision not in PRECISIONS:
+        raise UsageError(f"--precision must be auto or one of {PRECISIONS}, got {precision!r}")
+    if precision == "fp16" and device_type == "cpu":
+        raise UsageError("--precision fp16 needs a CUDA device; on CPU use fp32, bf16 or int8")
+    if precision == "int8" and device_type != "cpu":
+        raise UsageError("--precision int8 runs on the CPU (OpenVINO); on a GPU use bf16 or fp16")
 
 
 def check_runtime(runtime: str, precision: str, device_type: str) -> None:
