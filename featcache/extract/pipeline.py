@@ -70,8 +70,8 @@ class Target:
     """One backbone of a run: its fingerprint, the cache group of it, and its embedder, built on first use.
 
     The fingerprint is known before any model: from the embedder a first run builds, or from the
-    group the cache already holds (``keep.Kept``), whose model is loaded only when an image, or a
-    tap to catch up, needs it.
+    group the cache already holds (``keep.Kept``, also what the Ray engine makes of the fingerprint its
+    actors report), whose model is loaded only when an image, or a tap to catch up, needs it.
     """
 
     def __init__(self, spec: BackboneSpec, taps: list[str], fingerprint: str, canon: dict, runtime: str,
@@ -168,7 +168,7 @@ class Extraction:
             self.targets = [Target.built(e) for e in (embedder if isinstance(embedder, list) else [embedder])]
             self.specs = [t.spec for t in self.targets]
         self.preprocess = [s.preprocess for s in self.specs]
-        if cfg.engine != "ray":  # the Ray engine resolves them while its cluster starts its actors
+        if cfg.engine != "ray":  # on Ray the actors build the models the cache does not hold (engines.ray)
             self._resolve()
         self.workers = cfg.workers or available_cpus()
         self.timings: Counter = Counter()
@@ -239,7 +239,7 @@ class Extraction:
 
     def prepare(self, cache: FeatureCache, listing: Listing) -> tuple[CacheWriter, Progress]:
         """Targets resolved, their groups opened, the writer and the progress: what an engine does first
-        (the Ray engine while its actors start)."""
+        (the Ray engine at its first batch, once its actors said which fingerprints they built)."""
         t0 = time.perf_counter()
         targets = self._resolve()
         for t in targets:
