@@ -19,6 +19,9 @@ and the writer's capacity with a stand-in embedder (random 1280-d float32 vector
                   driver commits when the cluster delivers faster than it can write)
 
     python benchmarks/bench_ray.py [--images 1000] [--writer-rows 50000]
+    python benchmarks/bench_ray.py --end-to-end-only [--tree DIR]   # the commands only; DIR: another
+        featcache checkout (e.g. `git worktree add DIR COMMIT`) run by the commands and the cluster's
+        workers instead of this one, for a before/after side by side (printed, not saved)
 
 Writes benchmarks/results/ray.json and prints a markdown table.
 """
@@ -65,11 +68,12 @@ def extract(src: Path, cache: Path, **kw) -> dict:
             "fingerprint": s["fingerprint"]}
 
 
-def cli_extract(src: Path, cache: Path, *flags: str) -> dict:
+def cli_extract(src: Path, cache: Path, *flags: str, env: dict | None = None) -> dict:
     """``featcache extract`` as a user runs it: a new process, timed from start to exit."""
+    env = env or {**os.environ, **LOOPBACK_ENV}
     t = time.perf_counter()
     out = subprocess.run([sys.executable, "-m", "featcache.cli", "extract", str(src), "--cache", str(cache), "--json",
-                          "-q", *flags], capture_output=True, text=True, timeout=900, env={**os.environ, **LOOPBACK_ENV})
+                          "-q", *flags], capture_output=True, text=True, timeout=900, env=env, cwd=env.get("PYTHONPATH"))
     wall = time.perf_counter() - t
     assert out.returncode == 0, out.stderr[-2000:]
     s = json.loads(out.stdout)
@@ -78,10 +82,9 @@ def cli_extract(src: Path, cache: Path, *flags: str) -> dict:
 
 
 @contextlib.contextmanager
-def ray_start(port: int = 6391):
+def ray_start(env: dict, port: int = 6391):
     """A one-machine cluster as `ray start --head` runs one (other processes), on loopback; stopped after."""
     ray_bin = str(Path(sys.executable).with_name("ray"))
-    env = {**os.environ, **LOOPBACK_ENV}
     t = time.perf_counter()
     subprocess.run([ray_bin, "start", "--head", "--port", str(port), "--num-cpus", str(available_cpus()),
                     "--node-ip-address", "127.0.0.1", "--include-dashboard", "false",
@@ -92,13 +95,17 @@ def ray_start(port: int = 6391):
         subprocess.run([ray_bin, "stop"], env=env, capture_output=True)
 
 
-def end_to_end(src: Path, work: Path) -> dict:
+def end_to_end(src: Path, work: Path, tree: Path | None = None) -> dict:
     """local and ray commands alternated twice against one running cluster; the ratio of mean images/s."""
     runs: dict = {"local": [], "ray": []}
-    with ray_start() as (address, started):
+    env = {**os.environ, **LOOPBACK_ENV}
+    if tree is not None:  # the commands and the cluster's workers import featcache from there
+        env["PYTHONPATH"] = str(tree)
+    with ray_start(env) as (address, started):
         for i in range(2):
-            runs["local"].append(cli_extract(src, work / f"cli-local{i}"))
-            runs["ray"].append(cli_extract(src, work / f"cli-ray{i}", "--engine", "ray", "--ray-address", address))
+            runs["local"].append(cli_extract(src, work / f"cli-local{i}", env=env))
+            runs["ray"].append(cli_extract(src, work / f"cli-ray{i}", "--engine", "ray", "--ray-address", address,
+                                           env=env))
     mean = {k: sum(r["images_per_s"] for r in v) / len(v) for k, v in runs.items()}
     assert {r["fingerprint"] for v in runs.values() for r in v} == {runs["local"][0]["fingerprint"]}
     return {**runs, "cluster_start_s": started, "ray_vs_local": round(mean["ray"] / mean["local"], 3)}
@@ -178,8 +185,16 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=1000)
     ap.add_argument("--writer-rows", type=int, default=50000)
     ap.add_argument("--out", default=str(RESULTS / "ray.json"))
+    ap.add_argument("--end-to-end-only", action="store_true")
+    ap.add_argument("--tree", type=Path, help="with --end-to-end-only: the featcache checkout the commands run")
     args = ap.parse_args()
     os.environ.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0", RAY_worker_niceness="0")
+    if args.end_to_end_only:
+        with tempfile.TemporaryDirectory(prefix="bench-ray-") as tmp:
+            make_jpegs(Path(tmp) / "jpegs", args.images)
+            cli_extract(Path(tmp) / "jpegs", Path(tmp) / "warm")  # untimed: page cache and model cache warm
+            print(json.dumps(end_to_end(Path(tmp) / "jpegs", Path(tmp), args.tree and args.tree.resolve()), indent=1))
+        return
     import ray
 
     work = Path(tempfile.mkdtemp(prefix="bench-ray-"))
