@@ -273,6 +273,11 @@ class FeatureCache:
         return Features(fp, tap, np.ascontiguousarray(vectors), imgs.sha256[idx], imgs.key[idx],
                         imgs.label[idx], status[keep], errors[keep], imgs.conflict[idx])
 
+    def sha256s(self) -> np.ndarray:
+        """The committed image rows' sha256: the one column a lookup by content reads, not the whole table."""
+        ig = self._images()
+        return _unicode(ig["sha256"][: int(ig.attrs["rows"])])
+
     def vectors_of(self, sha256: list[str], fingerprint: str | None = None, tap: str = "final") -> dict[str, np.ndarray]:
         """{sha256: vector} of the given contents, for those ``read`` would return, reading only their vectors.
 
@@ -280,14 +285,13 @@ class FeatureCache:
         column, not the whole vector column: ``read`` of a million-row tap is gigabytes.
         """
         _, g, n = self._committed(fingerprint, tap)
-        ig = self._images()
         image = g["image"][:n]
-        rows = rows_of(image, rows_of(_unicode(ig["sha256"][: int(ig.attrs["rows"])]), sha256))  # -1: not here
+        rows = rows_of(image, rows_of(self.sha256s(), sha256))  # -1: not here
         picked = np.unique(rows[rows >= 0])
         if not len(picked):
             return {}
         status = g["status"].get_coordinate_selection(picked)
-        keys = _unicode(ig["key"].get_coordinate_selection(image[picked]))
+        keys = _unicode(self._images()["key"].get_coordinate_selection(image[picked]))
         vectors = g["taps"][tap].get_orthogonal_selection((picked, slice(None)))
         kept = {int(r): v for r, v, good in zip(picked, vectors, _kept(status, keys, vectors)) if good}
         return {s: kept[int(r)] for s, r in zip(sha256, rows) if int(r) in kept}

@@ -97,7 +97,7 @@ def _known(box: list) -> np.ndarray:
 
 def _digests(cache: FeatureCache, group: FeatureGroup) -> np.ndarray:
     """The sorted raw sha256 digests of the contents ``group`` holds (what the stages skip)."""
-    sha = cache.images().sha256
+    sha = cache.sha256s()
     return np.array(sorted(bytes.fromhex(sha[r]) for r in group.image_rows().tolist()), dtype="S32")
 
 
